@@ -1,0 +1,84 @@
+"""The client-facing errors: every request problem becomes a 4.xx (or a named 5.03) with a short
+diagnostic payload, so that nothing a client sends can end in a 5.00 or a traceback."""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+import aiocoap.error
+from aiocoap.numbers import codes
+
+log = logging.getLogger("coapfs")
+
+
+class BadPath(aiocoap.error.BadRequest):
+    """The Uri-Path is malformed (empty segment, `.`, `..`, `/` or NUL in a segment)."""
+
+
+class NotADirectory(aiocoap.error.BadRequest):
+    message = "Not a directory (strip the trailing slash)"
+
+
+class NotAFile(aiocoap.error.BadRequest):
+    message = "Not a file (add a trailing slash)"
+
+
+class NotFound(aiocoap.error.NotFound):
+    message = "Not found"
+
+
+class Forbidden(aiocoap.error.Forbidden):
+    message = "Forbidden"
+
+
+class ReadOnly(aiocoap.error.MethodNotAllowed):
+    message = "This server is read-only"
+
+
+class PreconditionFailed(aiocoap.error.PreconditionFailed):
+    message = "Precondition failed"
+
+
+class BlockOutOfRange(aiocoap.error.BadOption):
+    message = "Block beyond the end of the resource"
+
+
+class Unavailable(aiocoap.error.ConstructionRenderableError):
+    """A server-side condition the client cannot fix (disk full, I/O error): 5.03, never 5.00."""
+
+    code = codes.SERVICE_UNAVAILABLE
+    message = "Service unavailable"
+
+
+_BY_ERRNO: dict[int, tuple[type[aiocoap.error.ConstructionRenderableError], str]] = {
+    errno.ENOENT: (NotFound, "Not found"),
+    errno.ENOTDIR: (NotFound, "Not found (a path component is not a directory)"),
+    errno.EISDIR: (NotAFile, "Is a directory (add a trailing slash)"),
+    errno.ELOOP: (Forbidden, "Symbolic links are not followed here"),
+    errno.EXDEV: (Forbidden, "Path leads outside the served directory"),
+    errno.EACCES: (Forbidden, "Permission denied"),
+    errno.EPERM: (Forbidden, "Operation not permitted"),
+    errno.EROFS: (Forbidden, "Read-only file system"),
+    errno.ENAMETOOLONG: (BadPath, "Name too long"),
+    errno.EINVAL: (BadPath, "Invalid name"),
+    errno.EILSEQ: (BadPath, "Invalid name"),
+    errno.ENOSPC: (Unavailable, "No space left on the server"),
+    errno.EDQUOT: (Unavailable, "Disk quota exceeded on the server"),
+    errno.EMFILE: (Unavailable, "Server is out of file descriptors, retry later"),
+    errno.ENFILE: (Unavailable, "Server is out of file descriptors, retry later"),
+    errno.EIO: (Unavailable, "I/O error on the server"),
+    errno.ENOTEMPTY: (aiocoap.error.Conflict, "Directory not empty"),
+    errno.EBUSY: (aiocoap.error.Conflict, "Resource busy"),
+    errno.ETXTBSY: (aiocoap.error.Conflict, "File busy"),
+}
+
+
+def from_oserror(e: OSError) -> aiocoap.error.ConstructionRenderableError:
+    """Map an OS error caused while serving a request to the response the client gets."""
+    known = _BY_ERRNO.get(e.errno or 0)
+    if known is None:
+        log.warning("Unexpected OS error while serving a request: %s", e)
+        return Unavailable(f"Server error: {e.strerror or e}")
+    cls, message = known
+    return cls(message)

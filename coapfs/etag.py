@@ -1,0 +1,15 @@
+"""Entity tags derived from stat, not content: cheap, and new whenever the file is replaced or
+modified (inode, size, mtime and ctime all feed in)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+
+def etag_from_stat(st: os.stat_result, length: int) -> bytes | None:
+    """The ETag for a file or directory state; None when ETags are disabled (length 0)."""
+    if not length:
+        return None
+    state = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+    return hashlib.blake2b(state.encode("ascii"), digest_size=8).digest()[:length]

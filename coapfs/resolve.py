@@ -1,0 +1,158 @@
+"""Turn a request's Uri-Path into a descriptor strictly beneath the served root.
+
+Two mechanisms, chosen once per process:
+
+- openat2(2) with RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS (Linux >= 5.6): the kernel refuses any
+  resolution that would leave the root (`..`, absolute symlinks, symlinks pointing outside), so
+  symlinks that stay inside the root are followed.
+- Otherwise a walk component by component from the root descriptor with O_NOFOLLOW: no symlink is
+  followed at all.
+
+Opening happens in two steps: first O_PATH (no side effect even on a device node or FIFO), then,
+only for regular files and directories, a real non-blocking open whose inode is compared with the
+first, so a FIFO swapped in between can neither block the event loop nor be served.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from . import errors
+
+_SYS_OPENAT2 = 437  # the same number on every Linux architecture
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_BENEATH = 0x08
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A validated request path: its segments below the root, and whether it named a directory
+    (trailing slash, or the root itself)."""
+
+    segments: tuple[str, ...]
+    is_dir_request: bool
+
+    @property
+    def relative(self) -> str:
+        return "/".join(self.segments)
+
+
+def parse_uri_path(uri_path: Sequence[str]) -> Target:
+    """Validate the Uri-Path options; raise a 4.00 for anything that is not a plain name."""
+    segments = tuple(uri_path)
+    is_dir = not segments or segments[-1] == ""
+    if segments and segments[-1] == "":
+        segments = segments[:-1]
+    for s in segments:
+        if s == "":
+            raise errors.BadPath("Empty path segment (double slash)")
+        if s in (".", ".."):
+            raise errors.BadPath("Path segments '.' and '..' are not allowed")
+        if "/" in s or "\0" in s:
+            raise errors.BadPath("Path segment contains '/' or NUL")
+    return Target(segments, is_dir)
+
+
+def _openat2(dirfd: int, path: str, flags: int) -> int:
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS)
+    while True:
+        fd = _libc.syscall(
+            _SYS_OPENAT2,
+            ctypes.c_int(dirfd),
+            os.fsencode(path),
+            ctypes.byref(how),
+            ctypes.c_size_t(ctypes.sizeof(how)),
+        )
+        if fd >= 0:
+            return fd
+        err = ctypes.get_errno()
+        if err not in (errno.EINTR, errno.EAGAIN):
+            raise OSError(err, os.strerror(err), path)
+
+
+def _probe_openat2() -> bool:
+    rootfd = os.open("/", os.O_PATH | os.O_CLOEXEC)
+    try:
+        os.close(_openat2(rootfd, ".", os.O_PATH))
+    except OSError:
+        return False
+    finally:
+        os.close(rootfd)
+    return True
+
+
+class Root:
+    """An open directory that requests are resolved beneath."""
+
+    def __init__(self, path: str | os.PathLike[str], *, use_openat2: bool | None = None) -> None:
+        self.path = os.fspath(path)
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.use_openat2 = _HAS_OPENAT2 if use_openat2 is None else use_openat2
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def open_path(self, segments: Sequence[str]) -> int:
+        """An O_PATH descriptor for the entry (symlinks followed only inside the root)."""
+        return self._open(segments, os.O_PATH)
+
+    def open_for_reading(self, segments: Sequence[str]) -> tuple[int, os.stat_result]:
+        """A readable descriptor on a regular file or directory and its stat; anything else
+        (FIFO, socket, device) or a path leaving the root raises OSError."""
+        pfd = self.open_path(segments)
+        try:
+            st = os.fstat(pfd)
+        finally:
+            os.close(pfd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            raise OSError(errno.ENOENT, "Not a regular file or directory")
+        fd = self._open(segments, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        st2 = os.fstat(fd)
+        if (st2.st_ino, st2.st_dev) != (st.st_ino, st.st_dev):
+            os.close(fd)
+            raise OSError(errno.ENOENT, "Entry changed while opening it")
+        return fd, st2
+
+    def open_parent(self, segments: Sequence[str]) -> int:
+        """A readable descriptor on the directory that holds the last segment."""
+        if not segments:
+            raise OSError(errno.EISDIR, "The root itself")
+        return self._open(segments[:-1], os.O_RDONLY | os.O_DIRECTORY)
+
+    def _open(self, segments: Sequence[str], flags: int) -> int:
+        if not segments:
+            return os.open(".", flags | os.O_CLOEXEC, dir_fd=self.fd)
+        if self.use_openat2:
+            return _openat2(self.fd, "/".join(segments), flags)
+        return self._walk(segments, flags)
+
+    def _walk(self, segments: Sequence[str], flags: int) -> int:
+        """Fallback for kernels without openat2: one component at a time, never following a link."""
+        cur = self.fd
+        try:
+            for s in segments[:-1]:
+                nxt = os.open(s, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur)
+                if cur != self.fd:
+                    os.close(cur)
+                cur = nxt
+            return os.open(segments[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur)
+        finally:
+            if cur != self.fd:
+                os.close(cur)
+
+
+_HAS_OPENAT2 = _probe_openat2()
