@@ -52,11 +52,14 @@ import os
 import platform
 import re
 import stat as stat_mode
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-import pyinotify
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)  # its asyncore import, unused here
+    import pyinotify
 
 __all__ = ["Watcher", "filesystem_type", "inotify_sees_all_changes"]
 
