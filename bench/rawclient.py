@@ -117,11 +117,18 @@ class RawClient:
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     raise CoapTimeout(f"GET {path}: not complete in {timeout:g} s")
-                msg = self.request(
-                    path,
-                    extra=[(coapmsg.OPT_BLOCK2, coapmsg.block2(num, False, szx))],
-                    timeout=min(left, 5.0),
-                )
+                try:
+                    msg = self.request(
+                        path,
+                        extra=[(coapmsg.OPT_BLOCK2, coapmsg.block2(num, False, szx))],
+                        timeout=min(left, 5.0),
+                    )
+                except CoapTimeout:
+                    if time.perf_counter() < deadline:
+                        raise
+                    raise CoapTimeout(
+                        f"GET {path}: not complete in {timeout:g} s (at block {num})"
+                    ) from None
                 blocks += 1
                 if msg.code != coapmsg.CONTENT:
                     if msg.code == coapmsg.REQUEST_ENTITY_INCOMPLETE and num > 0:

@@ -49,6 +49,8 @@ class Metric:
     samples: dict[str, list[float]] = field(default_factory=lambda: {"ours": [], "theirs": []})
     errors: dict[str, str] = field(default_factory=dict)
     not_applicable: set[str] = field(default_factory=set)
+    spent: dict[str, float] = field(default_factory=lambda: {"ours": 0.0, "theirs": 0.0})
+    skipped: dict[str, int] = field(default_factory=lambda: {"ours": 0, "theirs": 0})
 
     def value(self, side: str) -> float | None:
         s = self.samples[side]
@@ -59,7 +61,8 @@ class Metric:
             return "n/a"
         v = self.value(side)
         if v is None:
-            return self.errors.get(side, "-")[:40] or "-"
+            err = self.errors.get(side, "")
+            return "timeout" if err.startswith("timeout") else ("error" if err else "-")
         if v == float("inf"):
             return "timeout"
         text = fmt(v)
@@ -98,8 +101,16 @@ def fmt(v: float) -> str:
     return f"{v:.3f}"
 
 
-def record(metric: Metric, side: str, fn: Callable[[], float]) -> float | None:
-    """Run one measurement; an exception becomes the side's error text, never a crash."""
+def record(metric: Metric, side: str, fn: Callable[[], float], budget: float) -> float | None:
+    """Run one measurement; an exception becomes the side's error text, never a crash.
+
+    Once a side has spent its time budget on this metric (and has had one attempt), further
+    runs are skipped and counted, so a slow server cannot stretch the benchmark unboundedly.
+    """
+    if metric.spent[side] >= budget and (metric.samples[side] or side in metric.errors):
+        metric.skipped[side] += 1
+        return None
+    t0 = time.monotonic()
     try:
         v = fn()
     except CoapTimeout as e:
@@ -108,6 +119,8 @@ def record(metric: Metric, side: str, fn: Callable[[], float]) -> float | None:
     except (CoapError, OSError, ValueError, subprocess.SubprocessError, RuntimeError) as e:
         metric.errors[side] = f"error ({e})"
         return None
+    finally:
+        metric.spent[side] += time.monotonic() - t0
     metric.samples[side].append(v)
     return v
 
@@ -150,6 +163,11 @@ class Bench:
         self.big_sha = {name: hashlib.sha256(d).hexdigest() for name, d in big.items()}
         self.metrics: dict[str, Metric] = {}
         self.t_start = time.monotonic()
+        self.anomalies: list[str] = []
+
+    def fetch_timeout(self, metric: Metric, side: str) -> float:
+        """What is left of the side's budget for this metric, within [2, 120] s."""
+        return min(max(self.opts.budget - metric.spent[side], 2.0), 120.0)
 
     def metric(self, key: str, *args, **kwargs) -> Metric:
         if key not in self.metrics:
@@ -197,7 +215,12 @@ class Bench:
                         res.update(loadgen(self.servers[side], paths, window, self.opts.duration))
                         return res["rate"]
 
-                    if record(rate, side, one) is not None:
+                    if record(rate, side, one, self.opts.budget) is not None:
+                        if res["lost"] or res["other"]:
+                            self.anomalies.append(
+                                f"* get_rate_w{window} ({side}): {res['lost']} lost, "
+                                f"{res['other']} non-2.05 responses"
+                            )
                         ccpu.samples[side].append(res["client_cpu_per_req_us"])
                         scpu.samples[side].append(res["server_cpu_per_req_us"])
 
@@ -224,7 +247,7 @@ class Bench:
                     )
                     return res["rate"]
 
-                record(m, side, one)
+                record(m, side, one, self.opts.budget)
 
     def downloads(self) -> None:
         for name, data_mib in (("big1.bin", 1), ("big16.bin", 16)):
@@ -248,7 +271,7 @@ class Bench:
                             raise CoapError(f"sha256 mismatch ({len(f.body)} bytes)")
                         return f.seconds
 
-                    record(m, side, one)
+                    record(m, side, one, self.opts.budget)
 
     def listings(self) -> None:
         self.progress(f"{LISTING_ENTRIES}-entry listing, first and repeated fetch")
@@ -274,15 +297,15 @@ class Bench:
                     for m, n in ((first, 1), (repeat, self.opts.listing_repeats)):
                         for _ in range(n):
 
-                            def one(c=c, path=path, side=side) -> float:
-                                f = c.fetch(path, timeout=60)
+                            def one(c=c, path=path, side=side, m=m) -> float:
+                                f = c.fetch(path, timeout=self.fetch_timeout(m, side))
                                 entries = f.body.count(b"<")
                                 if entries != LISTING_ENTRIES:
                                     raise CoapError(f"{entries} entries, not {LISTING_ENTRIES}")
                                 restarts.samples[side].append(f.restarts)
                                 return f.seconds
 
-                            if record(m, side, one) is None:
+                            if record(m, side, one, self.opts.budget) is None:
                                 break
                 finally:
                     c.close()
@@ -426,13 +449,16 @@ class Bench:
         return "\n".join(lines)
 
     def notes(self) -> list[str]:
-        out = []
+        out = list(self.anomalies)
         for key, m in self.metrics.items():
             for side, err in m.errors.items():
                 if m.samples[side]:
                     out.append(f"* {key} ({side}): some runs failed: {err}")
                 else:
                     out.append(f"- {key} ({side}): {err}")
+            for side, n in m.skipped.items():
+                if n:
+                    out.append(f"* {key} ({side}): {n} run(s) skipped, time budget spent")
         return out
 
     def as_json(self) -> dict:
@@ -515,6 +541,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "aiocoap-fileserver to test the harness",
     )
     p.add_argument("--theirs-cmd", default=THEIRS_CMD)
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=60.0,
+        help="seconds per metric and server after which further runs are skipped",
+    )
     p.add_argument("--json", metavar="FILE", help="also write all samples as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temporary roots and logs")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
@@ -525,6 +557,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         opts.big_runs = 0
         opts.listing_repeats = 1
         opts.notify_samples = 5
+        opts.budget = min(opts.budget, 5.0)
         opts.theirs_latency_samples = 1
     if opts.runs < 1:
         p.error("--runs must be at least 1")
@@ -567,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         print(bench.table())
         notes = bench.notes()
         if notes:
-            print("\nErrors (- no value, * value from the runs that succeeded):")
+            print("\nNotes (- no value; * value from the runs that completed):")
             print("\n".join(notes))
         if opts.json:
             Path(opts.json).write_text(json.dumps(bench.as_json(), indent=2) + "\n")
