@@ -145,7 +145,9 @@ class Root:
         cur = self.fd
         try:
             for s in segments[:-1]:
-                nxt = os.open(s, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur)
+                nxt = os.open(
+                    s, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur
+                )
                 if cur != self.fd:
                     os.close(cur)
                 cur = nxt

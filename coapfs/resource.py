@@ -280,7 +280,9 @@ def _replace_atomically(
     (the writes and fsync can be slow)."""
     spool = f"{access.TEMP_PREFIX}{secrets.token_hex(8)}"
     fd = os.open(
-        spool, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666,
+        spool,
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+        0o666,
         dir_fd=parent,
     )
     try:
