@@ -143,11 +143,10 @@ class Root:
     def _walk(self, segments: Sequence[str], flags: int) -> int:
         """Fallback for kernels without openat2: one component at a time, never following a link."""
         cur = self.fd
+        intermediate = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             for s in segments[:-1]:
-                nxt = os.open(
-                    s, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur
-                )
+                nxt = os.open(s, intermediate, dir_fd=cur)
                 if cur != self.fd:
                     os.close(cur)
                 cur = nxt

@@ -9,6 +9,7 @@ the client's 4.xx (see `errors`), never a 5.00.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -303,10 +304,8 @@ def _replace_atomically(
         os.fsync(parent)
         return os.fstat(fd)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(spool, dir_fd=parent)
-        except FileNotFoundError:
-            pass
         raise
     finally:
         os.close(fd)
