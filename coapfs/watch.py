@@ -9,10 +9,11 @@ This is the only module that touches pyinotify. The rest of the server sees this
     watcher.mode                           # "inotify" or "poll": the effective mode now
     trusted = watcher.watch_directory(d)   # d: absolute directory path at or beneath root
     watcher.unwatch_directory(d)
+    watcher.watched_directories()          # {directory: True if by inotify, False if polled}
     watcher.simulate_overflow()            # test hook: a kernel IN_Q_OVERFLOW record
     watcher.close()
 
-Callbacks run on the loop thread, never while the caller is inside a Watcher method:
+Callbacks run on the loop thread, never inside a Watcher method (except simulate_overflow):
 
 - ``on_change(path)``: what was cached for ``path`` is stale. ``path`` is an entry of a watched
   directory whose content or attributes changed (close after write, modify, attrib), or which
@@ -26,10 +27,12 @@ Callbacks run on the loop thread, never while the caller is inside a Watcher met
 
 Watching a directory covers the directory and its entries; files are never watched alone.
 ``watch_directory`` is idempotent and cheap: call it each time a directory (or an entry in it)
-is served or observed. It marks the directory most recently used and returns whether inotify
-watches it. True: cached state of the directory and its entries stays valid until ``on_change``
-or ``on_reset`` says otherwise. False: the directory is polled every ``poll_interval`` seconds
-(changes arrive that late), so cache nothing for it and validate by stat on every request.
+is served or observed (a hit is a dict lookup). It marks the directory most recently used and
+tells whether inotify watches it. True: cached state of the directory and its entries stays
+valid until ``on_change`` or ``on_reset`` says otherwise. False: the directory is polled every
+``poll_interval`` seconds (changes arrive that late), so cache nothing for it and validate by
+stat on every request. It raises ValueError for a path outside root, and OSError
+(FileNotFoundError, NotADirectoryError, PermissionError) when path is no accessible directory.
 A watched directory stays watched, by inotify or by polling, until ``unwatch_directory``.
 
 Fallbacks: in mode "auto", a directory on a filesystem where inotify does not see other
@@ -350,11 +353,13 @@ class Watcher:
         Returns True when inotify watches it, False when it is polled. Raises ValueError for a
         path outside root and OSError when path is not an accessible directory.
         """
+        if path in self._inotify:  # the per-request case: no path arithmetic, no system call
+            self._inotify.move_to_end(path)
+            return True
         path = self._checked(path)
         if not self._started or self._closed:
             raise RuntimeError("watcher is not running")
-        wd = self._inotify.get(path)
-        if wd is not None:
+        if path in self._inotify:
             self._inotify.move_to_end(path)
             return True
         stat = os.stat(path)
