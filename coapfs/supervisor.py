@@ -150,6 +150,7 @@ class Supervisor:
         self._reload_wanted = asyncio.Event()
         self._reload_error: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._served = False
         self.site: FileServer | None = None
         self.gate: Gate | None = None
 
@@ -162,6 +163,7 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, self._reload_wanted.set)
         try:
             await self._start()
+            self._served = True
             self.notifier.ready(self.status_line())
             log.info("Ready: %s", self.status_line())
             if self._on_ready is not None:
@@ -374,7 +376,8 @@ class Supervisor:
     async def _shutdown(self) -> None:
         """STOPPING=1, refuse new requests, let in-flight ones finish, deregister, unbind."""
         self.notifier.stopping()
-        log.info("Stopping")
+        if self._served:
+            log.info("Stopping")
         for task in self._tasks:
             task.cancel()
         if self.gate is not None:
