@@ -407,13 +407,31 @@ def check_environment(loaded: Loaded) -> None:
             pass
     except OSError as e:
         raise root_error(loaded, e) from None
-    for name in ("credentials", "tls_server_certificate", "tls_server_key"):
+    check_credentials(loaded)
+    for name in ("tls_server_certificate", "tls_server_key"):
         p = getattr(config, name)
         if p is not None and not os.access(p, os.R_OK):
             problem = "no such file" if not p.exists() else "not readable"
             raise ConfigError.bad_value(
                 loaded.origin(name), name, str(p), "a readable file", problem
             )
+
+
+def check_credentials(loaded: Loaded) -> None:
+    """Make aiocoap's OSCORE importable (also without lakers) and check the credentials file.
+
+    The one place coapfs.credentials is called: before any server context is created (at
+    start and on every reload, via check_environment) and by --check-config.
+    """
+    from .credentials import CredentialsError, prepare_credentials
+
+    path = loaded.config.credentials
+    try:
+        prepare_credentials(path)
+    except CredentialsError as e:
+        raise ConfigError.bad_value(
+            loaded.origin("credentials"), "credentials", str(path), "a usable file", e.problem
+        ) from None
 
 
 def iter_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:

@@ -121,14 +121,6 @@ class Gate:
         return self._in_flight
 
 
-def prepare_credentials(config: Config) -> None:
-    """The single call site for credential preparation before any context is created.
-
-    TODO(issue 5): call coapfs.credentials here once the packaging engineer has committed
-    it (OSCORE without lakers, sequence numbers in the StateDirectory).
-    """
-
-
 class Supervisor:
     """Runs the server for one process lifetime; `run()` returns the exit status."""
 
@@ -178,14 +170,13 @@ class Supervisor:
 
     async def _start(self) -> None:
         config = self.config
-        check_environment(self.loaded)
+        check_environment(self.loaded)  # includes coapfs.credentials, before any binding
         try:
             self.site = FileServer(config.root, write=config.write, etag_length=config.etag_length)
         except OSError as e:
             raise root_error(self.loaded, e) from None
         self._tune(config)
         self.gate = Gate(self.site)
-        prepare_credentials(config)
         for endpoint in endpoints(config):
             self._contexts[endpoint] = await self._bind(endpoint, self.loaded)
         self._register(config)
@@ -348,8 +339,6 @@ class Supervisor:
         added = [e for e in wanted if e not in current]
         if not gone and not added:
             return
-        if added:
-            prepare_credentials(loaded.config)
         for endpoint in gone:
             log.info("Unbinding %s", endpoint)
             await current[endpoint].shutdown()

@@ -213,6 +213,12 @@ def test_check_environment_root_and_files(tmp_path: Path) -> None:
             "; expected a readable directory"
         )
     check_environment(load(tmp_path, 'root = "."'))
+    write(tmp_path / "creds.json", '{"coap://*": ')
+    with pytest.raises(ConfigError) as e:
+        check_environment(load(tmp_path, 'credentials = "creds.json"'))
+    assert str(e.value).startswith(
+        f'{tmp_path / "server.toml"}: credentials = "{tmp_path / "creds.json"}": not valid JSON'
+    )
     loaded = load(tmp_path, 'tls_server_certificate = "nope.pem"')
     with pytest.raises(ConfigError, match=r"tls_server_certificate = .*nope\.pem.*no such file"):
         check_environment(loaded)

@@ -20,6 +20,7 @@ from pathlib import Path
 import aiocoap
 import pytest
 from aiocoap.numbers.codes import Code
+
 from conftest import Client, free_udp_port
 
 REPO = Path(__file__).resolve().parent.parent
