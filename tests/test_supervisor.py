@@ -415,3 +415,43 @@ def test_daemon_detaches_writes_pidfile_and_stops(
         failed.stderr == f"coap-fileserver: cannot bind 127.0.0.1:{port}: Address already in use\n"
     )
     assert not pidfile.exists()
+
+
+def test_registers_with_a_resource_directory_and_deregisters_on_stop(
+    process, root: Path, tmp_path: Path, client: Client
+) -> None:
+    rd_port, port = free_udp_port(), free_udp_port()
+    with (tmp_path / "rd.log").open("wb") as rd_log:
+        rd = subprocess.Popen(
+            [sys.executable, "-m", "aiocoap.cli.rd", "--bind", f"127.0.0.1:{rd_port}"],
+            stdout=rd_log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        lookup = f"coap://127.0.0.1:{rd_port}/endpoint-lookup/"
+
+        def registered() -> str:
+            msg = aiocoap.Message(code=aiocoap.GET, uri=lookup)
+            return client.request(msg, timeout=20).payload.decode()
+
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # the RD takes a moment to start
+            try:
+                registered()
+                break
+            except Exception:
+                time.sleep(0.2)
+        p = process(
+            ["--bind", f"127.0.0.1:{port}", "--register", f"coap://127.0.0.1:{rd_port}", str(root)]
+        )
+        p.notify.wait_for("READY")
+        base = f'base="coap://127.0.0.1:{port}"'
+        deadline = time.monotonic() + 20
+        while base not in registered() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert base in registered()
+        assert p.stop() == 0
+        assert base not in registered()
+    finally:
+        rd.terminate()
+        rd.wait(10)
