@@ -297,6 +297,9 @@ class Supervisor:
         except (ConfigError, StartupError) as e:
             self._reload_error = str(e)
             log.error("Reload failed, keeping the running configuration: %s", e)
+        except Exception as e:  # a bug must not leave systemd waiting for READY=1
+            self._reload_error = f"{type(e).__name__}: {e}"
+            log.error("Reload failed unexpectedly, keeping the running configuration", exc_info=e)
         else:
             self._reload_error = None
             log.info("Reloaded: %s", self.status_line())
