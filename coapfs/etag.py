@@ -7,9 +7,14 @@ import hashlib
 import os
 
 
+def stat_signature(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """The parts of a stat that change whenever the content may have (atime excluded)."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def etag_from_stat(st: os.stat_result, length: int) -> bytes | None:
     """The ETag for a file or directory state; None when ETags are disabled (length 0)."""
     if not length:
         return None
-    state = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+    state = ":".join(map(str, stat_signature(st)))
     return hashlib.blake2b(state.encode("ascii"), digest_size=8).digest()[:length]

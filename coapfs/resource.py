@@ -16,17 +16,24 @@ import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiocoap
 import aiocoap.error
+from aiocoap.interfaces import ObservableResource
 from aiocoap.numbers import ContentFormat, codes
 from aiocoap.optiontypes import BlockOption
 from aiocoap.resource import Resource
 
 from . import access, errors, listing
+from .cache import SMALL_FILE_BYTES, Cache, Entry
 from .contentformat import guess_content_format
-from .etag import etag_from_stat
+from .etag import etag_from_stat, stat_signature
+from .observe import Observations
+from .pathindex import Key
 from .resolve import Root, Target, parse_uri_path
+from .watch import Watcher
+from .watchset import WatchSet, directories_of
 
 log = logging.getLogger("coapfs")
 
@@ -45,8 +52,22 @@ class Counters:
     server_errors: int = 0
 
 
-class FileServer(Resource):
-    """Serves the directory tree below `root`: listings, files, and (if `write`) PUT and DELETE."""
+@dataclass(frozen=True)
+class Freshness:
+    """How the server learns of changes on disk ([cache] and [observe] in the configuration)."""
+
+    byte_budget: int = 64 * 1024 * 1024
+    watch_budget: int = 1024
+    mode: str = "auto"
+    poll_interval: float = 2.0
+    coalesce: float = 0.1
+
+
+class FileServer(Resource, ObservableResource):
+    """Serves the directory tree below `root`: listings, files, and (if `write`) PUT and DELETE.
+
+    Listings and file state are cached while inotify watches their directories; the same
+    change reports drive Observe. Watching starts with the first request (it needs the loop)."""
 
     def __init__(
         self,
@@ -62,6 +83,11 @@ class FileServer(Resource):
         self._write = write
         self._etag_length = etag_length
         self._show_hidden = show_hidden
+        self._freshness = Freshness()
+        self._watches: WatchSet | None = None
+        self._cache: Cache | None = None
+        self._observations = Observations(self._freshness.coalesce)
+        self._observers: dict[Any, tuple[Key, list[Key]]] = {}
         self.counters = Counters()
 
     @property
@@ -76,17 +102,106 @@ class FileServer(Resource):
     def etag_length(self) -> int:
         return self._etag_length
 
+    @property
+    def cache_mode(self) -> str:
+        """How changes are detected now: "inotify" or "poll" (the configured mode until the
+        first request starts watching)."""
+        return self._watches.watcher.mode if self._watches else self._freshness.mode
+
     def reconfigure(self, *, root: Path, write: bool, etag_length: int) -> None:
         """Apply a live change; a bad new root raises OSError and leaves everything as it was."""
         if Path(root) != self._root_path:
             new_root = Root(root)
+            self._stop_watching()
             old, self._root, self._root_path = self._root, new_root, Path(root)
             old.close()
+            self._observations.changed((), subtree=True)
         self._write = write
         self._etag_length = etag_length
 
+    def tune(self, *, cache: Any, observe: Any) -> None:
+        """Apply [cache] and [observe]; watching restarts if how changes are detected changed."""
+        new = Freshness(
+            byte_budget=cache.byte_budget,
+            watch_budget=cache.watch_budget,
+            mode=cache.mode,
+            poll_interval=cache.poll_interval,
+            coalesce=observe.coalesce_ms / 1000,
+        )
+        old, self._freshness = self._freshness, new
+        self._observations.coalesce = new.coalesce
+        if self._cache is not None:
+            self._cache.resize(new.byte_budget)
+        if (old.watch_budget, old.mode, old.poll_interval) != (
+            new.watch_budget,
+            new.mode,
+            new.poll_interval,
+        ):
+            self._stop_watching()
+
     def close(self) -> None:
+        self._stop_watching()
+        self._observations.close()
         self._root.close()
+
+    def _watching(self) -> tuple[WatchSet, Cache]:
+        """The watch set and cache, started on first use (inside the event loop)."""
+        if self._watches is None or self._cache is None:
+            f = self._freshness
+            watcher = Watcher(
+                self._root_path,
+                self._on_change,
+                self._on_reset,
+                mode=f.mode,
+                watch_budget=f.watch_budget,
+                poll_interval=f.poll_interval,
+            )
+            watcher.start()
+            self._watches = WatchSet(self._root, self._root_path, watcher)
+            self._cache = Cache(f.byte_budget, self._entry_dropped)
+            for _key, dirs in self._observers.values():
+                self._watches.hold(dirs)
+        return self._watches, self._cache
+
+    def _stop_watching(self) -> None:
+        """Forget everything cached and every watch (a new root, or a new way of watching)."""
+        if self._cache is not None:
+            self._cache.clear()
+        if self._watches is not None:
+            self._watches.watcher.close()
+        self._watches = self._cache = None
+
+    def _entry_dropped(self, key: Key, entry: Entry) -> None:
+        if self._watches is not None:
+            self._watches.release(directories_of(key, is_dir=entry.is_dir))
+
+    def _key_of(self, path: Path) -> Key | None:
+        try:
+            return path.relative_to(self._root_path).parts
+        except ValueError:
+            return None
+
+    def _on_change(self, path: Path) -> None:
+        key = self._key_of(path)
+        if key is None or self._watches is None or self._cache is None:
+            return
+        subtree = self._watches.replaced(key)
+        self._cache.drop(key, subtree=subtree)
+        self._observations.changed(key, subtree=subtree)
+
+    def _on_reset(self, path: Path) -> None:
+        key = self._key_of(path)
+        if key is None or self._cache is None:
+            return
+        self._cache.drop(key, subtree=True)
+        self._observations.changed(key, subtree=True)
+
+    def _changed_here(self, key: Key) -> None:
+        """Our own write: drop what was cached at once, before inotify reports it."""
+        for k in (key, key[:-1]):
+            if self._cache is not None:
+                self._cache.drop(k)
+            self._observations.changed(k)
 
     def get_resources_as_linkheader(self) -> str:
         """One link for the whole service; individual files are never registered."""
@@ -119,6 +234,30 @@ class FileServer(Resource):
             self.counters.client_errors += 1
         return e
 
+    # Observe
+
+    async def add_observation(self, request: aiocoap.Message, serverobservation: Any) -> None:
+        """Accept every observation of a valid path; the first rendering answers errors (and
+        an unsuccessful notification ends the observation, e.g. 4.04 after deletion)."""
+        if request.opt.uri_path == _WELL_KNOWN_CORE:
+            return
+        try:
+            target = self._target(request)
+        except aiocoap.error.RenderableError:
+            return
+        watches, _cache = self._watching()
+        dirs = directories_of(target.segments, is_dir=target.is_dir_request)
+        watches.hold(dirs)
+        self._observations.add(target.segments, serverobservation)
+        self._observers[serverobservation] = (target.segments, dirs)
+        serverobservation.accept(lambda: self._observation_ended(serverobservation))
+
+    def _observation_ended(self, serverobservation: Any) -> None:
+        key, dirs = self._observers.pop(serverobservation)
+        self._observations.remove(key, serverobservation)
+        if self._watches is not None:
+            self._watches.release(dirs)
+
     # GET
 
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
@@ -127,35 +266,79 @@ class FileServer(Resource):
                 payload=SERVICE_LINK.encode("ascii"), content_format=ContentFormat.LINKFORMAT
             )
         target = self._target(request)
-        fd, st = self._root.open_for_reading(target.segments)
+        entry, fd = self._lookup(target)
         try:
-            if stat.S_ISDIR(st.st_mode):
-                if not target.is_dir_request:
-                    raise errors.NotAFile()
-            elif target.is_dir_request:
-                raise errors.NotADirectory()
-
-            etag = etag_from_stat(st, self._etag_length)
+            etag = etag_from_stat(entry.st, self._etag_length)
             if etag is not None and etag in request.opt.etags:
                 return aiocoap.Message(code=codes.VALID, etag=etag)
-
-            if stat.S_ISDIR(st.st_mode):
-                body = self._listing(fd, target)
+            body = entry.body
+            if body is not None:
                 response = _block_response(
                     request, len(body), lambda offset, size: body[offset : offset + size]
                 )
+            else:
+                if fd is None:
+                    fd, st = self._root.open_for_reading(target.segments)
+                    if stat_signature(st) != stat_signature(entry.st):
+                        entry = Entry(False, st, None)
+                        etag = etag_from_stat(st, self._etag_length)
+                readable = fd
+                response = _block_response(
+                    request, entry.st.st_size, lambda offset, size: os.pread(readable, size, offset)
+                )
+            if entry.is_dir:
                 response.opt.content_format = ContentFormat.LINKFORMAT
             else:
-                response = _block_response(
-                    request, st.st_size, lambda offset, size: os.pread(fd, size, offset)
-                )
                 content_format = guess_content_format(target.segments[-1])
                 if content_format is not None:
                     response.opt.content_format = content_format
             response.opt.etag = etag
             return response
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
+
+    def _lookup(self, target: Target) -> tuple[Entry, int | None]:
+        """The entry for `target` from the cache, or read from disk (and cached where inotify
+        vouches for it); with a descriptor still open when a large file must be read from."""
+        key = target.segments
+        watches, cache = self._watching()
+        if watches.watcher.mode == "poll":
+            return self._read(target)
+        hit = cache.get(key)
+        if hit is not None and hit.is_dir == target.is_dir_request:
+            return hit, None
+        dirs = directories_of(key, is_dir=target.is_dir_request)
+        trusted = watches.hold(dirs)  # before reading, so no change can slip in between
+        try:
+            entry, fd = self._read(target)
+        except BaseException:
+            watches.release(dirs)
+            raise
+        if not (trusted and cache.put(key, entry)):
+            watches.release(dirs)
+        return entry, fd
+
+    def _read(self, target: Target) -> tuple[Entry, int | None]:
+        fd, st = self._root.open_for_reading(target.segments)
+        keep_open = False
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                if not target.is_dir_request:
+                    raise errors.NotAFile()
+                return Entry(True, st, self._listing(fd, target)), None
+            if target.is_dir_request:
+                raise errors.NotADirectory()
+            if st.st_size <= SMALL_FILE_BYTES:
+                body = _read_whole(fd, st.st_size)
+                if stat_signature(os.fstat(fd)) == stat_signature(st):
+                    return Entry(False, st, body), None
+                st = os.fstat(fd)  # written to meanwhile: serve it block by block instead
+            keep_open = True
+            return Entry(False, st, None), fd
+        finally:
+            if not keep_open:
+                os.close(fd)
 
     def _listing(self, dirfd: int, target: Target) -> bytes:
         def resolve_link(name: str) -> os.stat_result | None:
@@ -195,6 +378,7 @@ class FileServer(Resource):
             )
         finally:
             os.close(parent)
+        self._changed_here(target.segments)
         code = codes.CREATED if existing is None else codes.CHANGED
         return aiocoap.Message(code=code, etag=etag_from_stat(st, self._etag_length))
 
@@ -212,6 +396,7 @@ class FileServer(Resource):
             os.unlink(target.segments[-1], dir_fd=parent)
         finally:
             os.close(parent)
+        self._changed_here(target.segments)
         return aiocoap.Message(code=codes.DELETED)
 
     def _open_parent(self, target: Target) -> int:
@@ -269,6 +454,18 @@ def _block_response(request: aiocoap.Message, total: int, read) -> aiocoap.Messa
     elif request.opt.size2 is not None:
         response.opt.size2 = total
     return response
+
+
+def _read_whole(fd: int, size: int) -> bytes:
+    chunks = []
+    offset = 0
+    while offset < size:
+        chunk = os.pread(fd, size - offset, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
 
 
 def _replace_atomically(

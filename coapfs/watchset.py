@@ -1,0 +1,82 @@
+"""The directories the server needs watched, reference-counted by those who need them (cached
+entries, observations): a watch is taken with its first holder and goes with its last."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .pathindex import Key
+from .resolve import Root
+from .watch import Watcher
+
+log = logging.getLogger("coapfs")
+
+
+def directories_of(key: Key, *, is_dir: bool) -> list[Key]:
+    """Every directory whose change can affect `key`: its ancestors, and itself if a directory."""
+    dirs = [key[:i] for i in range(len(key))]
+    if is_dir:
+        dirs.append(key)
+    return dirs
+
+
+class WatchSet:
+    def __init__(self, root: Root, root_path: Path, watcher: Watcher) -> None:
+        self._root = root
+        self._root_path = root_path
+        self.watcher = watcher
+        self._holders: dict[Key, int] = {}
+        self._identity: dict[Key, tuple[int, int] | None] = {}
+
+    def hold(self, dirs: list[Key]) -> bool:
+        """Watch `dirs` for one more holder; True if inotify covers all of them (so what was
+        read from them may be cached), False if any is only polled or cannot be watched."""
+        trusted = True
+        for key in dirs:
+            try:
+                trusted = self.watcher.watch_directory(self._path(key)) and trusted
+            except (OSError, ValueError) as e:
+                log.debug("Cannot watch %s: %s", self._path(key), e)
+                trusted = False
+            if key not in self._holders:
+                self._holders[key] = 0
+                self._identity[key] = self._current_identity(key)
+            self._holders[key] += 1
+        return trusted
+
+    def release(self, dirs: list[Key]) -> None:
+        for key in dirs:
+            count = self._holders.get(key, 0) - 1
+            if count > 0:
+                self._holders[key] = count
+                continue
+            self._holders.pop(key, None)
+            self._identity.pop(key, None)
+            self.watcher.unwatch_directory(self._path(key))
+
+    def replaced(self, key: Key) -> bool:
+        """Whether the held directory at `key` is no longer the one first watched there (renamed,
+        deleted, or swapped): then everything read beneath it is stale."""
+        if key not in self._holders:
+            return False
+        now = self._current_identity(key)
+        if now == self._identity[key]:
+            return False
+        self._identity[key] = now
+        return True
+
+    def _current_identity(self, key: Key) -> tuple[int, int] | None:
+        try:
+            fd = self._root.open_path(key)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        return (st.st_dev, st.st_ino)
+
+    def _path(self, key: Key) -> Path:
+        return self._root_path.joinpath(*key)
