@@ -215,7 +215,7 @@ class ObserveConfig:
     """[observe]: how changes reach observers."""
 
     coalesce_ms: int = key(
-        20, integer(0, 60_000), "changes within this many milliseconds make one notification"
+        100, integer(0, 60_000), "at most one notification per resource in this many milliseconds"
     )
 
 

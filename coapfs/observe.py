@@ -1,7 +1,7 @@
-"""Who observes what (RFC 7641), and when they hear of a change: the first change after a quiet
-spell is notified at once, further ones within `coalesce` seconds make one more notification at
-the end of that spell, so a burst of a thousand changes yields a handful of notifications, each
-rendered from the then-current state."""
+"""Who observes what (RFC 7641), and when they hear of a change: a few milliseconds after the
+first change (so a write, its truncation and its close make one notification), and then at most
+once per `coalesce` seconds, so a burst of a thousand changes yields a handful of notifications,
+each rendered from the then-current state."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import asyncio
 from typing import Any
 
 from .pathindex import Key, PathIndex
+
+#: How long after a change its notification waits for the rest of the same write.
+SETTLE = 0.005
 
 
 class Observations:
@@ -46,11 +49,8 @@ class Observations:
             if k not in self._by_key or k in self._scheduled:
                 continue
             loop = asyncio.get_running_loop()
-            due = self._last_sent.get(k, float("-inf")) + self.coalesce
-            if loop.time() >= due:
-                self._notify(k)
-            else:
-                self._scheduled[k] = loop.call_at(due, self._notify, k)
+            due = max(loop.time() + SETTLE, self._last_sent.get(k, float("-inf")) + self.coalesce)
+            self._scheduled[k] = loop.call_at(due, self._notify, k)
 
     def _notify(self, key: Key) -> None:
         self._scheduled.pop(key, None)

@@ -1,0 +1,181 @@
+"""The cache and its watches, looked at from inside a real server (in this process, real UDP,
+real inotify): budgets hold, an inotify overflow drops everything, watches go with their last
+holder, and responses stay correct throughout."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiocoap
+import pytest
+from aiocoap.numbers import codes
+from test_observe import Observer
+
+from coapfs.cache import Cache, Entry
+from coapfs.pathindex import PathIndex
+from coapfs.resource import FileServer
+
+from conftest import Client, free_udp_port, get
+
+
+@dataclass
+class CacheSettings:
+    byte_budget: int = 64 * 1024 * 1024
+    watch_budget: int = 1024
+    mode: str = "auto"
+    poll_interval: float = 0.2
+
+
+@dataclass
+class ObserveSettings:
+    coalesce_ms: int = 100
+
+
+class InProcess:
+    def __init__(self, client: Client, root: Path, **cache) -> None:
+        self.client = client
+        self.site = FileServer(root)
+        self.site.tune(cache=CacheSettings(**cache), observe=ObserveSettings())
+        port = free_udp_port()
+        self.base = f"coap://127.0.0.1:{port}"
+        self.context = client.run(
+            aiocoap.Context.create_server_context(self.site, bind=("127.0.0.1", port))
+        )
+
+    def uri(self, path: str) -> str:
+        return f"{self.base}/{path}"
+
+    def inspect(self, fn):
+        """Run `fn` on the server's loop thread, where its state lives."""
+
+        async def call():
+            return fn()
+
+        return self.client.run(call())
+
+    def watched(self) -> dict[Path, bool]:
+        return self.inspect(lambda: dict(self.site._watches.watcher.watched_directories()))
+
+    def cache(self) -> Cache:
+        return self.site._cache
+
+    def close(self) -> None:
+        self.client.run(self.context.shutdown())
+        self.inspect(self.site.close)
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    for d in range(6):
+        (root / f"d{d}").mkdir(parents=True)
+        for f in range(5):
+            (root / f"d{d}" / f"f{f}.txt").write_text(f"{d}/{f}" * 100)
+    return root
+
+
+@pytest.fixture
+def inprocess(client, tree):
+    servers: list[InProcess] = []
+
+    def start(**cache) -> InProcess:
+        servers.append(InProcess(client, tree, **cache))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def fetch_all(client, server: InProcess, tree: Path) -> None:
+    for d in range(6):
+        assert get(client, server.uri(f"d{d}/")).code == codes.CONTENT
+        for f in range(5):
+            r = get(client, server.uri(f"d{d}/f{f}.txt"))
+            assert r.payload == (tree / f"d{d}" / f"f{f}.txt").read_bytes()
+
+
+def test_byte_budget_bounds_the_cache(client, inprocess, tree):
+    server = inprocess(byte_budget=4000)
+    fetch_all(client, server, tree)
+    cache = server.cache()
+    assert 0 < cache.bytes_used <= 4000
+    assert len(cache) < 36
+    fetch_all(client, server, tree)  # evicted entries are read again, correctly
+
+
+def test_watch_budget_bounds_inotify_watches_and_responses_stay_right(client, inprocess, tree):
+    server = inprocess(watch_budget=3)
+    fetch_all(client, server, tree)
+    assert sum(server.watched().values()) <= 3
+    for d in range(6):
+        (tree / f"d{d}" / "f0.txt").write_text("changed")
+    deadline = time.monotonic() + 5  # polled directories notice within poll_interval
+    while time.monotonic() < deadline:
+        if all(get(client, server.uri(f"d{d}/f0.txt")).payload == b"changed" for d in range(6)):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("a change in a directory over the watch budget was never seen")
+
+
+def test_overflow_drops_everything_and_responses_stay_correct(client, inprocess, tree):
+    server = inprocess()
+    fetch_all(client, server, tree)
+    assert len(server.cache()) > 0
+    obs = Observer(client, server.uri("d0/f0.txt"))
+    # A change the kernel's queue lost: only the overflow tells the server.
+    (tree / "d0" / "f0.txt").write_text("lost event")
+    server.inspect(lambda: server.site._watches.watcher.simulate_overflow())
+    assert server.inspect(lambda: len(server.cache())) == 0
+    assert get(client, server.uri("d0/f0.txt")).payload == b"lost event"
+    assert obs.wait_for(lambda m: m.payload == b"lost event") is not None
+    obs.cancel()
+
+
+def test_watches_go_with_their_last_observer(client, inprocess, tree):
+    server = inprocess(byte_budget=0)  # nothing cached: only observations hold watches
+    first = Observer(client, server.uri("d3/f1.txt"))
+    second = Observer(client, server.uri("d3/f1.txt"))
+    assert tree / "d3" in server.watched()
+    first.cancel()
+    # Cancelling is lazy in aiocoap: the server learns of it with the next notification.
+    (tree / "d3" / "f1.txt").write_text("wake up")
+    assert second.wait_for(lambda m: m.payload == b"wake up") is not None
+    assert tree / "d3" in server.watched()
+    second.cancel()
+    # aiocoap's client answers the first notification after cancelling and rejects (RST) the
+    # next; the server then ends the observation. Keep changing the file until it does.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and tree / "d3" in server.watched():
+        (tree / "d3" / "f1.txt").write_text(f"wake up {time.monotonic()}")
+        time.sleep(0.3)
+    assert server.watched() == {}
+    assert server.inspect(lambda: len(server.site._observations)) == 0
+
+
+def test_path_index_finds_subtrees():
+    index: PathIndex[int] = PathIndex()
+    for i, key in enumerate([("a",), ("a", "b"), ("a", "b", "c"), ("ab",), ("x", "y")]):
+        index.set(key, i)
+    assert sorted(index.at_or_beneath(("a",))) == [("a",), ("a", "b"), ("a", "b", "c")]
+    assert index.at_or_beneath(("x",)) == [("x", "y")]
+    assert index.at_or_beneath(("nothing",)) == []
+    index.pop(("a", "b", "c"))
+    assert index.has_beneath(("a",)) and not index.has_beneath(("a", "b"))
+
+
+def test_cache_evicts_least_recently_used():
+    dropped = []
+    cache = Cache(1300, lambda key, entry: dropped.append(key))  # room for three
+    st = Path("/").stat()
+    for name in ("a", "b", "c"):
+        assert cache.put((name,), Entry(False, st, b"x" * 100))
+    cache.get(("a",))
+    cache.put(("d",), Entry(False, st, b"x" * 100))
+    assert dropped == [("b",)]
+    assert not cache.put(("huge",), Entry(False, st, b"x" * 2000))
+    cache.drop((), subtree=True)
+    assert len(cache) == 0 and cache.bytes_used == 0
