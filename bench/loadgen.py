@@ -1,4 +1,4 @@
-"""Raw-UDP CoAP GET load generator: keeps W requests outstanding for a fixed time.
+"""Raw-UDP CoAP GET load generator: keeps W requests outstanding for a fixed request count.
 
 Runs in its own process (bench/run.py starts it) so that its CPU use is measured apart from the
 orchestrator and it never competes with it for the interpreter. Prints one JSON object.
@@ -51,37 +51,45 @@ def run(args: argparse.Namespace) -> dict:
     outstanding: dict[bytes, float] = {}
     counter = 0
     stats = {"other": 0, "lost": 0}
+    # Count-based, so both servers get exactly the same number of requests (their duplicate
+    # caches then cost the same memory); the rate is the measured count over its elapsed time.
+    send_limit = min(args.warmup + args.requests + args.window, MAX_REQUESTS)
+    done = 0  # answered or lost since start
     measuring = False
-    start = time.perf_counter()
-    warm_end = start + args.warmup
-    end = warm_end + args.duration
-    cpu0 = srv0 = 0.0
     measured_ok = 0
     lat: list[float] = []
+    cpu0 = srv0 = t0 = 0.0
+    hard_end = time.perf_counter() + args.max_time
 
     def send_one() -> None:
         nonlocal counter
+        if counter >= send_limit:
+            return
         counter += 1
         raw = templates[counter % len(templates)]
         mid = counter & 0xFFFF
         raw[2], raw[3] = mid >> 8, mid & 0xFF
         token = counter.to_bytes(4, "big")
         raw[4:8] = token
-        now = time.perf_counter()
-        outstanding[token] = now
+        outstanding[token] = time.perf_counter()
         with contextlib.suppress(BlockingIOError):
             sock.send(raw)
 
+    def finished_one() -> None:
+        nonlocal done, measuring, cpu0, srv0, t0
+        done += 1
+        if not measuring and done >= args.warmup:
+            measuring = True
+            cpu0, srv0 = self_cpu_seconds(), proc_cpu_seconds(args.server_pid)
+            t0 = time.perf_counter()
+        send_one()
+
     for _ in range(args.window):
         send_one()
-    while True:
-        now = time.perf_counter()
-        if not measuring and now >= warm_end:
-            measuring = True
-            measured_ok = 0
-            lat = []
-            cpu0, srv0, t0 = self_cpu_seconds(), proc_cpu_seconds(args.server_pid), now
-        if now >= end or counter >= MAX_REQUESTS:
+    timed_out = False
+    while not measuring or done < args.warmup + args.requests:
+        if time.perf_counter() >= hard_end:
+            timed_out = True
             break
         r, _, _ = select.select([sock], [], [], 0.05)
         if r:
@@ -95,28 +103,26 @@ def run(args: argparse.Namespace) -> dict:
                     break
                 if len(data) < 8:
                     continue
-                token = data[4:8]
-                sent = outstanding.pop(token, None)
+                sent = outstanding.pop(data[4:8], None)
                 if sent is None:
                     continue
-                t = time.perf_counter()
                 if data[1] in ok_codes:
                     if measuring:
                         measured_ok += 1
-                        if len(lat) < 100000:
-                            lat.append(t - sent)
+                        lat.append(time.perf_counter() - sent)
                 else:
                     stats["other"] += 1
-                if counter < MAX_REQUESTS:
-                    send_one()
+                finished_one()
         now = time.perf_counter()
         for token in [tok for tok, sent in outstanding.items() if now - sent > LOSS_TIMEOUT]:
             del outstanding[token]
             stats["lost"] += 1
-            send_one()
+            finished_one()
+        if not outstanding and counter >= send_limit:
+            break
     t1 = time.perf_counter()
     if not measuring:
-        return {"error": "no measurement window"}
+        return {"error": f"warm-up not finished in {args.max_time:g} s"}
     cpu1, srv1 = self_cpu_seconds(), proc_cpu_seconds(args.server_pid)
     elapsed = t1 - t0
     lat.sort()
@@ -126,10 +132,10 @@ def run(args: argparse.Namespace) -> dict:
         "other": stats["other"],
         "lost": stats["lost"],
         "elapsed": elapsed,
+        "timed_out": timed_out,
         "client_cpu_per_req_us": (cpu1 - cpu0) / measured_ok * 1e6 if measured_ok else None,
         "server_cpu_per_req_us": (srv1 - srv0) / measured_ok * 1e6 if measured_ok else None,
         "latency_median_ms": lat[len(lat) // 2] * 1e3 if lat else None,
-        "capped": counter >= MAX_REQUESTS,
     }
 
 
@@ -139,8 +145,9 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--server-pid", type=int, required=True)
     p.add_argument("--window", type=int, default=1)
-    p.add_argument("--duration", type=float, default=2.0)
-    p.add_argument("--warmup", type=float, default=0.3)
+    p.add_argument("--requests", type=int, default=3000, help="measured requests")
+    p.add_argument("--warmup", type=int, default=200, help="requests before measuring")
+    p.add_argument("--max-time", type=float, default=20.0, help="give up after this many s")
     p.add_argument("--type", choices=("con", "non"), default="con")
     p.add_argument("--etag", help="hex ETag to send; then 2.03 counts as success")
     p.add_argument("paths", nargs="+")

@@ -32,6 +32,7 @@ from servers import LISTING_ENTRIES, OURS_CMD, SMALL_FILES, THEIRS_CMD, Server, 
 HERE = Path(__file__).resolve().parent
 SIDES = ("ours", "theirs")
 MIB = 1 << 20
+LOADGEN_MAX_TIME = 20.0  # per load-generator run
 THEIRS_POLL_PERIOD = 10.0  # aiocoap-fileserver's stat polling interval (for spreading samples)
 
 
@@ -125,7 +126,7 @@ def record(metric: Metric, side: str, fn: Callable[[], float], budget: float) ->
     return v
 
 
-def loadgen(server: Server, paths: list[str], window: int, duration: float, extra=()) -> dict:
+def loadgen(server: Server, paths: list[str], window: int, requests: int, extra=()) -> dict:
     """Run bench/loadgen.py in its own process against one server."""
     cmd = [
         sys.executable,
@@ -136,12 +137,16 @@ def loadgen(server: Server, paths: list[str], window: int, duration: float, extr
         str(server.pid),
         "--window",
         str(window),
-        "--duration",
-        str(duration),
+        "--requests",
+        str(requests),
+        "--max-time",
+        str(LOADGEN_MAX_TIME),
         *extra,
         *paths,
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 30, check=False)
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=LOADGEN_MAX_TIME + 30, check=False
+    )
     if out.returncode != 0:
         raise RuntimeError(f"loadgen failed: {out.stderr.strip()[-200:]}")
     result = json.loads(out.stdout)
@@ -212,14 +217,15 @@ class Bench:
                     res: dict = {}
 
                     def one(side=side, res=res, window=window) -> float:
-                        res.update(loadgen(self.servers[side], paths, window, self.opts.duration))
+                        res.update(loadgen(self.servers[side], paths, window, self.opts.requests))
                         return res["rate"]
 
                     if record(rate, side, one, self.opts.budget) is not None:
-                        if res["lost"] or res["other"]:
+                        if res["lost"] or res["other"] or res["timed_out"]:
                             self.anomalies.append(
                                 f"* get_rate_w{window} ({side}): {res['lost']} lost, "
                                 f"{res['other']} non-2.05 responses"
+                                + (f", stopped after {LOADGEN_MAX_TIME:g} s" * res["timed_out"])
                             )
                         ccpu.samples[side].append(res["client_cpu_per_req_us"])
                         scpu.samples[side].append(res["server_cpu_per_req_us"])
@@ -242,7 +248,7 @@ class Bench:
                         self.servers[side],
                         ["small/s000.txt"],
                         16,
-                        self.opts.duration,
+                        self.opts.requests,
                         extra=["--etag", etag.hex()],
                     )
                     return res["rate"]
@@ -400,6 +406,16 @@ class Bench:
             c.close()
         return latencies
 
+    def startup_rss(self) -> None:
+        """Resident memory right after start-up, before any request: the baseline."""
+        m = self.metric("start_rss", "RSS after start-up (VmRSS)", "MiB", False)
+        for side in SIDES:
+            kib = self.servers[side].rss_kib()
+            if kib is None:
+                m.errors[side] = f"error (server not running: {self.servers[side].error})"
+            else:
+                m.samples[side].append(kib / 1024)
+
     def peak_rss(self) -> None:
         budget = self.opts.cache_budget_mib
         m = self.metric(
@@ -430,7 +446,7 @@ class Bench:
                     m.unit,
                     m.cell("ours"),
                     m.cell("theirs"),
-                    f"{r:.2f}" if r is not None else "",
+                    f"{r:.3g}" if r is not None else "",
                     m.target,
                     m.verdict(),
                 )
@@ -504,7 +520,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="smoke run: 1 run, short windows, no 16 MiB file, 1 sample of theirs' "
         "notification latency (well under a minute)",
     )
-    p.add_argument("--duration", type=float, default=2.0, help="seconds per GET-rate window")
+    p.add_argument(
+        "--requests",
+        type=int,
+        default=3000,
+        help="measured requests per GET-rate run (equal for both servers)",
+    )
     p.add_argument("--big-runs", type=int, default=3, help="runs of the 16 MiB download")
     p.add_argument("--download-timeout", type=float, default=120.0)
     p.add_argument(
@@ -544,7 +565,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--budget",
         type=float,
-        default=60.0,
+        default=40.0,
         help="seconds per metric and server after which further runs are skipped",
     )
     p.add_argument("--json", metavar="FILE", help="also write all samples as JSON")
@@ -553,7 +574,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     opts = p.parse_args(argv)
     if opts.quick:
         opts.runs = 1
-        opts.duration = 0.5
+        opts.requests = 600
         opts.big_runs = 0
         opts.listing_repeats = 1
         opts.notify_samples = 5
@@ -584,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
             if not servers[side].start():
                 print(f"{side} did not start: {servers[side].error}", file=sys.stderr)
         for step in (
+            bench.startup_rss,
             bench.get_rates,
             bench.etag_rate,
             bench.downloads,

@@ -124,6 +124,9 @@ class Server:
     def peak_rss_kib(self) -> int | None:
         return proc_status_kib(self.pid, "VmHWM") if self.alive() else None
 
+    def rss_kib(self) -> int | None:
+        return proc_status_kib(self.pid, "VmRSS") if self.alive() else None
+
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 5 s: only this process, by its PID."""
         if self.proc is None or self.proc.poll() is not None:
