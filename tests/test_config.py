@@ -57,7 +57,7 @@ def test_defaults_without_any_file(tmp_path: Path) -> None:
     assert config == Config(root=tmp_path)
     assert config.etag_length == 8 and config.write is False and config.bind == ()
     assert config.cache == CacheConfig(64 * 1024 * 1024, 1024, "auto", 2.0)
-    assert config.observe == ObserveConfig(20)
+    assert config.observe == ObserveConfig(100)
 
 
 def test_values_are_typed(tmp_path: Path) -> None:
