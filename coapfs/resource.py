@@ -357,21 +357,16 @@ class FileServer(Resource, ObservableResource):
     # PUT and DELETE
 
     async def render_put(self, request: aiocoap.Message) -> aiocoap.Message:
-        access.check_writable(self._write)
-        target = self._target(request)
-        if target.is_dir_request:
-            raise errors.BadPath("PUT needs a file name (directories are not created over CoAP)")
-        parent = self._open_parent(target)
+        target, parent, existing = self._write_target(
+            request, "PUT needs a file name (directories are not created over CoAP)"
+        )
         try:
-            name = target.segments[-1]
-            existing = self._existing(parent, target)
             if existing is not None and request.opt.if_none_match:
                 raise errors.PreconditionFailed("The file exists (If-None-Match)")
-            self._check_if_match(request, existing)
             st = await asyncio.to_thread(
                 _replace_atomically,
                 parent,
-                name,
+                target.segments[-1],
                 request.payload,
                 existing,
                 no_replace=bool(request.opt.if_none_match),
@@ -383,14 +378,10 @@ class FileServer(Resource, ObservableResource):
         return aiocoap.Message(code=code, etag=etag_from_stat(st, self._etag_length))
 
     async def render_delete(self, request: aiocoap.Message) -> aiocoap.Message:
-        access.check_writable(self._write)
-        target = self._target(request)
-        if target.is_dir_request:
-            raise errors.BadPath("Directories are not deleted over CoAP")
-        parent = self._open_parent(target)
+        target, parent, existing = self._write_target(
+            request, "Directories are not deleted over CoAP"
+        )
         try:
-            existing = self._existing(parent, target)
-            self._check_if_match(request, existing)
             if existing is None:
                 raise errors.NotFound()
             os.unlink(target.segments[-1], dir_fd=parent)
@@ -398,6 +389,24 @@ class FileServer(Resource, ObservableResource):
             os.close(parent)
         self._changed_here(target.segments)
         return aiocoap.Message(code=codes.DELETED)
+
+    def _write_target(
+        self, request: aiocoap.Message, directory_refusal: str
+    ) -> tuple[Target, int, os.stat_result | None]:
+        """For PUT and DELETE: the file named, its parent directory (open), and the regular file
+        there now (None if there is none), with If-Match already checked against it."""
+        access.check_writable(self._write)
+        target = self._target(request)
+        if target.is_dir_request:
+            raise errors.BadPath(directory_refusal)
+        parent = self._open_parent(target)
+        try:
+            existing = self._existing(parent, target)
+            self._check_if_match(request, existing)
+        except BaseException:
+            os.close(parent)
+            raise
+        return target, parent, existing
 
     def _open_parent(self, target: Target) -> int:
         try:
