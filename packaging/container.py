@@ -39,10 +39,12 @@ CGROUP_ROOTS = (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup/systemd"))
 CONTAINER_ENV = (
     "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "LANG=C.UTF-8",
+    "DEBIAN_FRONTEND=noninteractive",
 )
 
 # What a booted test system needs: systemd itself, the package's dependencies (so the .deb installs
-# offline) and libcoap's coap-client as an independent CoAP peer.
+# offline), libcoap's coap-client as an independent CoAP peer, and man-db, with which
+# `systemd-analyze verify` checks the unit's Documentation=man: pages.
 RUNTIME_PACKAGES = (
     "systemd",
     "systemd-sysv",
@@ -56,6 +58,7 @@ RUNTIME_PACKAGES = (
     "python3-cryptography",
     "python3-filelock",
     "libcoap3-bin",
+    "man-db",
 )
 
 # The build user, as sbuild has one: the package is built and its tests run without root.
@@ -223,11 +226,15 @@ class Container:
             ]
         )
         env = dict(os.environ, SYSTEMD_NSPAWN_UNIFIED_HIERARCHY="1")
+        # A booted container's console (boot messages, nspawn's notices) goes to a log that
+        # errors quote; a command's output passes through to the caller.
+        console = (self.dir / "console.log").open("wb") if self.boot else None
         self.process = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *nspawn],
             env=env,
             stdin=subprocess.DEVNULL,
-            stdout=None if not self.boot else (self.dir / "console.log").open("wb"),
+            stdout=console,
+            stderr=console,
         )
         log(f"{self.name}: nspawn PID {self.process.pid}")
 
