@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import aiocoap
-from aiocoap.cli.common import server_context_from_arguments
 from aiocoap.numbers.codes import Code
 from aiocoap.resourcedirectory.client.register import Registerer
 
 from . import log as logsetup
 from .config import Bind, Config, ConfigError, Loaded, Loader, check_environment, root_error
+from .context import server_context
 from .notify import Notifier, watchdog_interval
 from .resource import FileServer
 
@@ -185,7 +185,7 @@ class Supervisor:
         """One aiocoap server context; errors become one line naming what failed."""
         log.debug("Binding %s", endpoint)
         try:
-            return await server_context_from_arguments(self.gate, endpoint.namespace())
+            return await server_context(self.gate, endpoint.namespace())
         except ssl.SSLError as e:
             raise ConfigError.bad_value(
                 loaded.origin("tls_server_certificate"),
