@@ -9,6 +9,7 @@ from aiocoap.numbers import codes
 
 from coapfs import context
 from coapfs.resource import FileServer
+
 from conftest import free_udp_port, get
 
 
