@@ -46,10 +46,11 @@ def test_verify_with_the_write_dropin(system: container.Container) -> None:
     system.run(f"mkdir -p {DROPIN_DIR} && cp {WRITE_EXAMPLE} {DROPIN_DIR}/")
     try:
         assert verify(system) == ""
+        system.run(["systemctl", "daemon-reload"])
         shown = system.run(["systemctl", "show", "-P", "ReadWritePaths", UNIT]).stdout
         assert shown.split() == ["/srv/coap"]
     finally:
-        system.run(f"rm -r {DROPIN_DIR}")
+        system.run(f"rm -r {DROPIN_DIR} && systemctl daemon-reload")
 
 
 def test_unit_as_systemd_reads_it(system: container.Container) -> None:
@@ -73,8 +74,9 @@ def test_unit_as_systemd_reads_it(system: container.Container) -> None:
     assert props["WatchdogUSec"] == "10s"
     assert props["Restart"] == "on-failure"
     assert props["RestartPreventExitStatus"] == "78"
-    assert "path=/usr/bin/coap-fileserver ; argv[]=/usr/bin/coap-fileserver --check-config" in (
-        props["ExecStartPre"]
+    assert (
+        "path=/usr/bin/coap-fileserver ; argv[]=/usr/bin/coap-fileserver --check-config"
+        in (props["ExecStartPre"])
     )
     assert props["User"] == "coap-fileserver"
     assert props["StateDirectory"] == "coap-fileserver"

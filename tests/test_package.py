@@ -1,0 +1,313 @@
+"""The Debian package in a real systemd (issue 5): install, serve, sandbox, reload, watchdog, write,
+purge, and an OSCORE-protected GET, all inside a booted Debian 13 container.
+
+The steps share one container and run in file order, each leaving the service running with a
+valid configuration for the next. Everything talks over the container's own loopback
+(--private-network): the service's port 5683 never meets the host's.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "packaging"))
+import container  # noqa: E402
+import systemtest  # noqa: E402
+
+UNIT = systemtest.UNIT
+CONFIG = "/etc/coap-fileserver.toml"
+CONFIG_DIR = "/etc/coap-fileserver.d"
+STATE = "/var/lib/coap-fileserver"
+ROOT = "/srv/coap"
+DROPIN_DIR = "/etc/systemd/system/coap-fileserver.service.d"
+WRITE_EXAMPLE = "/usr/share/doc/coap-fileserver/examples/write.conf"
+MAX_EXPOSURE = 1.5
+
+# A real aiocoap client inside the container: GET a URI (optionally through OSCORE) and report
+# what came back as one JSON line.
+CLIENT = """
+import asyncio, json, sys
+import aiocoap
+from coapfs.credentials import prepare_credentials
+
+prepare_credentials(None)  # aiocoap's OSCORE transport imports lakers, which Debian lacks
+
+async def main(uri, credentials):
+    # Named transports: aiocoap 0.4.14 leaves OSCORE out of a client's defaults on Debian 13.
+    context = await aiocoap.Context.create_client_context(transports=["oscore", "udp6"])
+    if credentials:
+        with open(credentials) as f:
+            context.client_credentials.load_from_dict(json.load(f))
+    request = aiocoap.Message(code=aiocoap.GET, uri=uri)
+    response = await asyncio.wait_for(context.request(request).response, 20)
+    print(json.dumps({
+        "code": str(response.code),
+        "payload": response.payload.decode(errors="replace"),
+        "etag": response.opt.etag.hex() if response.opt.etag is not None else None,
+        "oscore": type(response.remote).__module__.endswith("oscore"),
+    }))
+    await context.shutdown()
+
+asyncio.run(main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None))
+"""
+CLIENT_PATH = "/root/coap-get.py"
+
+
+@pytest.fixture(scope="module")
+def system() -> Iterator[container.Container]:
+    reason = systemtest.root_required()
+    if reason:
+        pytest.skip(reason)
+    started = time.monotonic()
+    deb = systemtest.built_deb()
+    with systemtest.installed_system(deb) as booted:
+        booted.path(CLIENT_PATH).write_text(CLIENT)
+        container.log(f"system test ready after {time.monotonic() - started:.0f} s")
+        yield booted
+    container.log(f"system test done after {time.monotonic() - started:.0f} s")
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def systemctl(system: container.Container, *args: str) -> str:
+    return system.run(["systemctl", *args, UNIT], timeout=90).stdout.strip()
+
+
+def is_active(system: container.Container) -> str:
+    """`systemctl is-active`: active, activating, inactive or failed (exit 0 only if active)."""
+    return system.run(["systemctl", "is-active", UNIT], check=False).stdout.strip()
+
+
+def prop(system: container.Container, name: str) -> str:
+    return systemctl(system, "show", f"--property={name}", "--value")
+
+
+def diagnostics(system: container.Container) -> str:
+    """What systemd and the journal say, for failure messages."""
+    status = system.run(["systemctl", "status", "--no-pager", "--lines=0", UNIT], check=False)
+    journal = system.run(["journalctl", "-u", UNIT, "--no-pager", "-n", "40"], check=False)
+    return f"\n--- systemctl status\n{status.stdout}\n--- journal\n{journal.stdout}"
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, system: container.Container):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    pytest.fail(f"not within {timeout} s: {what}{diagnostics(system)}")
+
+
+def coap_client(system: container.Container, *args: str) -> subprocess.CompletedProcess[str]:
+    """libcoap's coap-client (an independent C implementation), waiting at most 10 s."""
+    return system.run(["coap-client-notls", "-B", "10", *args], check=False, timeout=60)
+
+
+def coap_client_get(system: container.Container, uri: str) -> str:
+    """A GET with coap-client, the payload as received (-o: no newline added for the terminal)."""
+    system.run(["rm", "-f", "/root/payload"])
+    got = coap_client(system, "-m", "get", "-o", "/root/payload", uri)
+    assert got.returncode == 0, got.stderr + diagnostics(system)
+    out = system.path("/root/payload")
+    assert out.exists(), f"no response to GET {uri}: {got.stderr}{diagnostics(system)}"
+    return out.read_text()
+
+
+def aiocoap_get(system: container.Container, uri: str, credentials: str | None = None) -> dict:
+    args = ["python3", CLIENT_PATH, uri, *([credentials] if credentials else [])]
+    result = system.run(args, check=False, timeout=60)
+    assert result.returncode == 0, result.stderr + diagnostics(system)
+    return json.loads(result.stdout)
+
+
+def set_config(system: container.Container, key: str, value: str | None) -> None:
+    """Set a top-level key in /etc/coap-fileserver.toml (as the first line), or drop our line.
+    The shipped file has every key commented out, so any `key = ` line is ours."""
+    system.run(["sed", "-i", f"/^{key} = /d", CONFIG])
+    if value is not None:
+        system.run(["sed", "-i", f"1i {key} = {value}", CONFIG])
+
+
+def active_with_pid(system: container.Container) -> int:
+    assert is_active(system) == "active", diagnostics(system)
+    pid = int(prop(system, "MainPID"))
+    assert pid > 0
+    return pid
+
+
+# --- the steps -----------------------------------------------------------------------------------
+
+
+def test_1_active_after_install_and_start_stop_restart(system: container.Container) -> None:
+    assert system.run(["systemctl", "is-enabled", UNIT]).stdout.strip() == "enabled"
+    first = active_with_pid(system)
+    assert "Serving" in prop(system, "StatusText"), diagnostics(system)
+
+    systemctl(system, "stop")
+    assert is_active(system) == "inactive"
+    assert prop(system, "Result") == "success"
+
+    systemctl(system, "start")
+    second = active_with_pid(system)
+    systemctl(system, "restart")
+    third = active_with_pid(system)
+    assert len({first, second, third}) == 3
+    # The daemon runs as the system user from sysusers.d, not as root.
+    uid = system.run(["id", "-u", "coap-fileserver"]).stdout.strip()
+    status = system.run(["cat", f"/proc/{third}/status"]).stdout
+    assert f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}\n" in status
+
+
+def test_2_coap_client_fetches_a_file_from_the_root(system: container.Container) -> None:
+    system.path(f"{ROOT}/hello.txt").write_text("hello from the package\n")
+    for host in ("[::1]", "127.0.0.1"):
+        assert coap_client_get(system, f"coap://{host}/hello.txt") == "hello from the package\n"
+    assert "</hello.txt>" in coap_client_get(system, "coap://[::1]/")
+
+
+def test_2b_oscore_protected_get(system: container.Container) -> None:
+    """OSCORE from Debian's packages alone (no lakers-python): the server's security context lives
+    in its StateDirectory, the only place the sandbox lets it write."""
+    server_ctx, client_ctx = f"{STATE}/oscore-server", "/root/oscore-client"
+    secret = "package test secret"
+    for path, sender, recipient in ((server_ctx, "73", "63"), (client_ctx, "63", "73")):
+        settings = {"sender-id_hex": sender, "recipient-id_hex": recipient, "secret_ascii": secret}
+        system.run(["mkdir", "-p", path])
+        system.path(f"{path}/settings.json").write_text(json.dumps(settings))
+    system.run(["chown", "-R", "coap-fileserver:coap-fileserver", server_ctx])
+    server_credentials = {"coap://*": {"oscore": {"contextfile": server_ctx + "/"}}}
+    system.path(f"{STATE}/credentials.json").write_text(json.dumps(server_credentials))
+    system.run(["mkdir", "-p", CONFIG_DIR])
+    dropin = f"{CONFIG_DIR}/oscore.toml"
+    system.path(dropin).write_text(f'credentials = "{STATE}/credentials.json"\n')
+    try:
+        systemctl(system, "restart")
+        active_with_pid(system)
+        client_credentials = {"coap://[::1]/*": {"oscore": {"contextfile": client_ctx + "/"}}}
+        system.path("/root/client.json").write_text(json.dumps(client_credentials))
+        got = aiocoap_get(system, "coap://[::1]/hello.txt", "/root/client.json")
+        assert got == {
+            "code": "2.05 Content",
+            "payload": "hello from the package\n",
+            "etag": got["etag"],
+            "oscore": True,
+        }, diagnostics(system)
+    finally:
+        system.run(["rm", "-f", dropin])
+        systemctl(system, "restart")
+
+
+def test_3_security_exposure(system: container.Container) -> None:
+    out = system.run(["systemd-analyze", "security", "--no-pager", UNIT]).stdout
+    last = out.strip().splitlines()[-1]
+    # "→ Overall exposure level for coap-fileserver.service: 1.1 OK :-)"
+    assert f"Overall exposure level for {UNIT}:" in last, out
+    exposure = float(last.split(":")[1].split()[0])
+    container.log(f"systemd-analyze security: {exposure}")
+    assert exposure <= MAX_EXPOSURE, out
+
+
+def test_4_reload_good_and_bad_edits(system: container.Container) -> None:
+    pid = active_with_pid(system)
+    before = aiocoap_get(system, "coap://[::1]/hello.txt")
+    assert len(bytes.fromhex(before["etag"])) == 8
+
+    set_config(system, "etag_length", "2")
+    systemctl(system, "reload")
+    assert active_with_pid(system) == pid
+    after = aiocoap_get(system, "coap://[::1]/hello.txt")
+    assert len(bytes.fromhex(after["etag"])) == 2, after
+
+    since = system.run(["date", "+%Y-%m-%d %H:%M:%S"]).stdout.strip()
+    set_config(system, "etag_length", "99")
+    try:
+        reload = system.run(["systemctl", "reload", UNIT], check=False, timeout=90)
+        assert reload.returncode == 0, reload.stderr  # the daemon answers READY=1 regardless
+        assert active_with_pid(system) == pid
+        still = aiocoap_get(system, "coap://[::1]/hello.txt")
+        assert len(bytes.fromhex(still["etag"])) == 2, "the old configuration must stay in force"
+        status = system.run(["systemctl", "status", "--no-pager", UNIT], check=False).stdout
+        assert "etag_length" in status, status
+        errors = system.run(
+            ["journalctl", "-u", UNIT, "-p", "err", "--since", since, "--no-pager", "-o", "cat"]
+        ).stdout
+        assert CONFIG in errors and "etag_length" in errors and "99" in errors, errors
+    finally:
+        set_config(system, "etag_length", "2")
+        systemctl(system, "reload")
+    assert active_with_pid(system) == pid
+    assert "etag_length" not in prop(system, "StatusText")
+
+
+def test_5_watchdog_restarts_a_stopped_daemon(system: container.Container) -> None:
+    pid = active_with_pid(system)
+    restarts = int(prop(system, "NRestarts"))
+    system.run(f"kill -STOP {pid}")  # the shell's kill: procps is not installed
+    started = time.monotonic()
+
+    def restarted() -> bool:
+        return (
+            int(prop(system, "NRestarts")) > restarts
+            and is_active(system) == "active"
+            and int(prop(system, "MainPID")) not in (0, pid)
+        )
+
+    wait_until(restarted, 60, "the watchdog restarts the daemon", system)
+    container.log(f"watchdog restart after {time.monotonic() - started:.1f} s")
+    assert coap_client_get(system, "coap://[::1]/hello.txt") == "hello from the package\n"
+
+
+def test_6_write_needs_the_documented_dropin(system: container.Container) -> None:
+    system.run(["chown", "coap-fileserver:coap-fileserver", ROOT])
+    set_config(system, "write", "true")
+    systemctl(system, "reload")
+    put = ["-m", "put", "-e", "written over CoAP"]
+
+    # write = true alone: the sandbox keeps the root read-only.
+    coap_client(system, *put, "coap://[::1]/refused.txt")
+    assert not system.path(f"{ROOT}/refused.txt").exists()
+
+    system.run(f"mkdir -p {DROPIN_DIR} && cp {WRITE_EXAMPLE} {DROPIN_DIR}/")
+    system.run(["systemctl", "daemon-reload"])
+    systemctl(system, "restart")
+    active_with_pid(system)
+    got = coap_client(system, *put, "coap://[::1]/uploaded.txt")
+    assert got.returncode == 0, got.stderr + diagnostics(system)
+    assert system.path(f"{ROOT}/uploaded.txt").read_text() == "written over CoAP"
+    owner = system.run(["stat", "-c", "%U", f"{ROOT}/uploaded.txt"]).stdout.strip()
+    assert owner == "coap-fileserver"
+    assert coap_client_get(system, "coap://[::1]/uploaded.txt") == "written over CoAP"
+
+
+def test_7_purge_removes_the_package_and_keeps_served_files(system: container.Container) -> None:
+    system.run(["apt-get", "purge", "-y", "-q", "coap-fileserver"], timeout=300)
+    gone = [
+        "/usr/bin/coap-fileserver",
+        "/usr/lib/systemd/system/coap-fileserver.service",
+        "/etc/systemd/system/multi-user.target.wants/coap-fileserver.service",
+        DROPIN_DIR,
+        CONFIG,
+        CONFIG_DIR,
+        STATE,
+        "/usr/lib/sysusers.d/coap-fileserver.conf",
+        "/usr/share/man/man8/coap-fileserver.8.gz",
+        "/usr/share/man/man5/coap-fileserver.toml.5.gz",
+        "/usr/share/doc/coap-fileserver",
+    ]
+    left = [p for p in gone if system.path(p).exists() or system.path(p).is_symlink()]
+    assert left == []
+    state = system.run(["systemctl", "show", "--property=LoadState", "--value", UNIT]).stdout
+    assert state.strip() == "not-found"
+    served = system.run(["sh", "-c", f"cat {shlex.quote(ROOT)}/*.txt"]).stdout
+    assert served == "hello from the package\nwritten over CoAP"
+    dpkg = system.run(["dpkg-query", "-W", "coap-fileserver"], check=False)
+    assert dpkg.returncode != 0, dpkg.stdout
