@@ -22,8 +22,9 @@ def is_hidden(name: str, *, show_hidden: bool = False) -> bool:
 
 def check_visible(segments: Sequence[str], *, show_hidden: bool = False) -> None:
     """Hidden names anywhere in the path answer 4.04, as if they did not exist."""
-    if any(is_hidden(s, show_hidden=show_hidden) for s in segments):
-        raise errors.NotFound()
+    for s in segments:
+        if is_hidden(s, show_hidden=show_hidden):
+            raise errors.NotFound()
 
 
 def check_writable(write: bool) -> None:

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from .etag import stat_digest
 from .pathindex import Key, PathIndex
 
 #: Files up to this size are kept whole; larger ones keep only their stat.
@@ -23,6 +24,10 @@ class Entry:
     is_dir: bool
     st: os.stat_result
     body: bytes | None
+    digest: bytes = field(init=False)  # its ETag, computed once
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "digest", stat_digest(self.st))
 
     @property
     def cost(self) -> int:

@@ -12,9 +12,16 @@ def stat_signature(st: os.stat_result) -> tuple[int, int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def etag_from_stat(st: os.stat_result, length: int) -> bytes | None:
-    """The ETag for a file or directory state; None when ETags are disabled (length 0)."""
-    if not length:
-        return None
+def stat_digest(st: os.stat_result) -> bytes:
+    """The longest ETag (8 bytes) for a file or directory state; shorter ones are its prefixes."""
     state = ":".join(map(str, stat_signature(st)))
-    return hashlib.blake2b(state.encode("ascii"), digest_size=8).digest()[:length]
+    return hashlib.blake2b(state.encode("ascii"), digest_size=8).digest()
+
+
+def etag_from_digest(digest: bytes, length: int) -> bytes | None:
+    """The ETag of the configured length; None when ETags are disabled (length 0)."""
+    return digest[:length] if length else None
+
+
+def etag_from_stat(st: os.stat_result, length: int) -> bytes | None:
+    return etag_from_digest(stat_digest(st), length)

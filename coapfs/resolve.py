@@ -20,7 +20,7 @@ import errno
 import os
 import stat
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import errors
 
@@ -36,17 +36,12 @@ class _OpenHow(ctypes.Structure):
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):
     """A validated request path: its segments below the root, and whether it named a directory
     (trailing slash, or the root itself)."""
 
     segments: tuple[str, ...]
     is_dir_request: bool
-
-    @property
-    def relative(self) -> str:
-        return "/".join(self.segments)
 
 
 def parse_uri_path(uri_path: Sequence[str]) -> Target:

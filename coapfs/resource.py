@@ -28,7 +28,7 @@ from aiocoap.resource import Resource
 from . import access, errors, listing
 from .cache import SMALL_FILE_BYTES, Cache, Entry
 from .contentformat import guess_content_format
-from .etag import etag_from_stat, stat_signature
+from .etag import etag_from_digest, etag_from_stat, stat_signature
 from .observe import Observations
 from .pathindex import Key
 from .resolve import Root, Target, parse_uri_path
@@ -268,7 +268,7 @@ class FileServer(Resource, ObservableResource):
         target = self._target(request)
         entry, fd = self._lookup(target)
         try:
-            etag = etag_from_stat(entry.st, self._etag_length)
+            etag = etag_from_digest(entry.digest, self._etag_length)
             if etag is not None and etag in request.opt.etags:
                 return aiocoap.Message(code=codes.VALID, etag=etag)
             body = entry.body
@@ -281,7 +281,7 @@ class FileServer(Resource, ObservableResource):
                     fd, st = self._root.open_for_reading(target.segments)
                     if stat_signature(st) != stat_signature(entry.st):
                         entry = Entry(False, st, None)
-                        etag = etag_from_stat(st, self._etag_length)
+                        etag = etag_from_digest(entry.digest, self._etag_length)
                 readable = fd
                 response = _block_response(
                     request, entry.st.st_size, lambda offset, size: os.pread(readable, size, offset)

@@ -227,10 +227,9 @@ class Supervisor:
             log.warning("Deregistering from the resource directory timed out")
 
     def _tune(self, config: Config) -> None:
-        """Hand [cache] and [observe] to the resource, where it takes them (`tune`)."""
-        tune = getattr(self.site, "tune", None)
-        if tune is not None:
-            tune(cache=config.cache, observe=config.observe)
+        """Hand [cache] and [observe] to the resource."""
+        assert self.site is not None
+        self.site.tune(cache=config.cache, observe=config.observe)
 
     # --- running ----------------------------------------------------------------------------
 
@@ -267,10 +266,10 @@ class Supervisor:
         c = self.config
         binds = ", ".join(str(e) for e in self._contexts) or "nothing bound"
         access = "read-write" if c.write else "read-only"
-        mode = getattr(self.site, "cache_mode", None) or c.cache.mode
-        counters = getattr(self.site, "counters", None)
+        mode = self.site.cache_mode if self.site is not None else c.cache.mode
         traffic = ""
-        if counters is not None:
+        if self.site is not None:
+            counters = self.site.counters
             errors = counters.client_errors + counters.server_errors
             traffic = f"; {counters.requests} requests, {errors} errors"
             if counters.server_errors:
