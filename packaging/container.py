@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import os
@@ -158,6 +159,35 @@ def runtime_rootfs() -> Path:
     return ensure_rootfs(RUNTIME_PACKAGES)
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _terminate_with_parent() -> None:
+    """In the child before exec: SIGTERM (an orderly poweroff of nspawn) if our caller dies, so
+    a killed test run leaves no container behind. It survives the exec into nspawn."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def prune_stale_runs() -> None:
+    """Remove run directories and cgroups left by runs whose process is gone (killed runs).
+
+    A run is named coapfs-<pid of its creator>-<random>; one whose creator still exists is left
+    alone, even if that pid may have been reused: pruning is conservative.
+    """
+    if not RUNS.exists():
+        return
+    for run in RUNS.iterdir():
+        parts = run.name.split("-")
+        if len(parts) != 3 or parts[0] != "coapfs" or not parts[1].isdigit():
+            continue
+        if Path(f"/proc/{parts[1]}").exists():
+            continue
+        log(f"removing stale run {run.name}")
+        for root in CGROUP_ROOTS:
+            _remove_cgroup(root / run.name)
+        shutil.rmtree(run, ignore_errors=True)
+
+
 class Container:
     """A systemd-nspawn container on an overlay of a cached root filesystem.
 
@@ -191,6 +221,7 @@ class Container:
 
     def start(self) -> None:
         """Mount the overlay and launch nspawn in its own mount namespace and cgroups."""
+        prune_stale_runs()
         for sub in ("upper", "work", "merged"):
             (self.dir / sub).mkdir(parents=True)
         for cgroup in self.cgroups:
@@ -235,6 +266,7 @@ class Container:
             stdin=subprocess.DEVNULL,
             stdout=console,
             stderr=console,
+            preexec_fn=_terminate_with_parent,
         )
         log(f"{self.name}: nspawn PID {self.process.pid}")
 

@@ -82,6 +82,13 @@ def systemctl(system: container.Container, *args: str) -> str:
     return system.run(["systemctl", *args, UNIT], timeout=90).stdout.strip()
 
 
+def restart(system: container.Container, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`systemctl restart`, after resetting the start rate limit (5 starts in 10 s), which these
+    steps would otherwise hit by restarting in quick succession."""
+    system.run(["systemctl", "reset-failed", UNIT])
+    return system.run(["systemctl", "restart", UNIT], check=check, timeout=90)
+
+
 def is_active(system: container.Container) -> str:
     """`systemctl is-active`: active, activating, inactive or failed (exit 0 only if active)."""
     return system.run(["systemctl", "is-active", UNIT], check=False).stdout.strip()
@@ -158,7 +165,7 @@ def test_1_active_after_install_and_start_stop_restart(system: container.Contain
 
     systemctl(system, "start")
     second = active_with_pid(system)
-    systemctl(system, "restart")
+    restart(system)
     third = active_with_pid(system)
     assert len({first, second, third}) == 3
     # The daemon runs as the system user from sysusers.d, not as root.
@@ -190,7 +197,7 @@ def test_2b_oscore_protected_get(system: container.Container) -> None:
     dropin = f"{CONFIG_DIR}/oscore.toml"
     system.path(dropin).write_text(f'credentials = "{STATE}/credentials.json"\n')
     try:
-        systemctl(system, "restart")
+        restart(system)
         active_with_pid(system)
         client_credentials = {"coap://[::1]/*": {"oscore": {"contextfile": client_ctx + "/"}}}
         system.path("/root/client.json").write_text(json.dumps(client_credentials))
@@ -203,7 +210,7 @@ def test_2b_oscore_protected_get(system: container.Container) -> None:
         }, diagnostics(system)
     finally:
         system.run(["rm", "-f", dropin])
-        systemctl(system, "restart")
+        restart(system)
 
 
 def test_3_security_exposure(system: container.Container) -> None:
@@ -248,6 +255,26 @@ def test_4_reload_good_and_bad_edits(system: container.Container) -> None:
     assert "etag_length" not in prop(system, "StatusText")
 
 
+def test_4b_invalid_config_at_start_fails_once_with_78(system: container.Container) -> None:
+    """A configuration error is not cured by restarting: exit 78, failed, no restart loop."""
+    restarts = int(prop(system, "NRestarts"))
+    set_config(system, "etag_length", "99")
+    try:
+        start = restart(system, check=False)
+        assert start.returncode != 0
+        time.sleep(3)  # RestartSec=1s: a restart would have happened by now
+        assert is_active(system) == "failed", diagnostics(system)
+        assert prop(system, "ExecMainStatus") == "78", diagnostics(system)
+        assert int(prop(system, "NRestarts")) == restarts, diagnostics(system)
+        errors = system.run(["journalctl", "-u", UNIT, "-n", "20", "--no-pager", "-o", "cat"])
+        assert f"{CONFIG}: etag_length = 99" in errors.stdout, errors.stdout
+    finally:
+        set_config(system, "etag_length", "2")
+        system.run(["systemctl", "reset-failed", UNIT])
+        systemctl(system, "start")
+    active_with_pid(system)
+
+
 def test_5_watchdog_restarts_a_stopped_daemon(system: container.Container) -> None:
     pid = active_with_pid(system)
     restarts = int(prop(system, "NRestarts"))
@@ -278,7 +305,7 @@ def test_6_write_needs_the_documented_dropin(system: container.Container) -> Non
 
     system.run(f"mkdir -p {DROPIN_DIR} && cp {WRITE_EXAMPLE} {DROPIN_DIR}/")
     system.run(["systemctl", "daemon-reload"])
-    systemctl(system, "restart")
+    restart(system)
     active_with_pid(system)
     got = coap_client(system, *put, "coap://[::1]/uploaded.txt")
     assert got.returncode == 0, got.stderr + diagnostics(system)

@@ -75,8 +75,8 @@ def test_unit_as_systemd_reads_it(system: container.Container) -> None:
     assert props["Restart"] == "on-failure"
     assert props["RestartPreventExitStatus"] == "78"
     assert (
-        "path=/usr/bin/coap-fileserver ; argv[]=/usr/bin/coap-fileserver --check-config"
-        in (props["ExecStartPre"])
+        "path=/usr/bin/coap-fileserver ; argv[]=/usr/bin/coap-fileserver --check-config ;"
+        " ignore_errors=yes" in props["ExecStartPre"]
     )
     assert props["User"] == "coap-fileserver"
     assert props["StateDirectory"] == "coap-fileserver"
