@@ -32,6 +32,8 @@ from pathlib import Path
 
 SUITE = "trixie"
 MIRROR = "http://deb.debian.org/debian"
+# Named explicitly (it holds the trixie keys), so no guessing among the host's apt keyrings.
+KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 PACKAGING = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("COAPFS_PACKAGING_CACHE", PACKAGING / "cache"))
 RUNS = CACHE / "runs"
@@ -129,6 +131,7 @@ def _mmdebstrap(packages: Sequence[str], hooks: Sequence[str], tarball: Path) ->
         "--variant=minbase",
         "--format=tar",
         "--skip=cleanup/apt/lists",
+        f"--keyring={KEYRING}",
         "--include=" + ",".join(sorted(set(packages))),
         *(f"--customize-hook={hook}" for hook in hooks),
         SUITE,
