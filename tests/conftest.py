@@ -18,6 +18,8 @@ from pathlib import Path
 import aiocoap
 import pytest
 
+from coapfs.credentials import prepare_credentials
+
 IN_CI = os.environ.get("CI") == "true"
 
 
@@ -34,8 +36,15 @@ class Client:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.context = self.run(aiocoap.Context.create_client_context())
-        if credentials is not None:
+        if credentials is None:
+            self.context = self.run(aiocoap.Context.create_client_context())
+        else:
+            # On Debian 13 aiocoap leaves OSCORE out of a client's default transports (ge25519
+            # and lakers are not packaged): name it, with the lakers placeholder in place.
+            prepare_credentials(None)
+            self.context = self.run(
+                aiocoap.Context.create_client_context(transports=["oscore", "udp6"])
+            )
             self.context.client_credentials.load_from_dict(_load_json(credentials))
 
     def run(self, coro, timeout: float = 30):
