@@ -201,7 +201,7 @@ class CacheConfig:
     """[cache]: what the file cache may hold and how it learns about changes."""
 
     byte_budget: int = key(64 * MiB, integer(0), "bytes of file content kept in memory")
-    watch_budget: int = key(1024, integer(0), "directories watched with inotify at most")
+    watch_budget: int = key(1024, integer(1), "directories watched with inotify at most")
     mode: str = key(
         "auto",
         one_of("auto", "inotify", "poll"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import ssl
@@ -163,9 +164,13 @@ class Supervisor:
             self._start_tasks()
             await self._serve()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
-            await self._shutdown()
+            try:
+                await self._shutdown()
+            finally:
+                # Only now: a second SIGTERM (or a SIGHUP) during the grace period must not
+                # kill the process by signal.
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    loop.remove_signal_handler(sig)
         return 0
 
     async def _start(self) -> None:
@@ -319,20 +324,36 @@ class Supervisor:
                 site.reconfigure(root=new.root, write=new.write, etag_length=new.etag_length)
             except OSError as e:
                 raise root_error(loaded, e) from None
-        first_before = next(iter(self._contexts.values()), None)
+        # Deregister while the context that registered is still bound.
+        rebinding = set(endpoints(new)) != set(self._contexts)
+        reregister = new.register != old.register or (old.register is not False and rebinding)
+        if reregister:
+            await self._deregister()
         try:
             await self._rebind(endpoints(new), loaded)
         except (ConfigError, StartupError):
             if changed_site:
-                site.reconfigure(root=old.root, write=old.write, etag_length=old.etag_length)
+                self._restore_site(old, new)
+            if reregister:
+                self._register(self.config)
             raise
-        first_changed = next(iter(self._contexts.values()), None) is not first_before
-        if new.register != old.register or (new.register is not False and first_changed):
-            await self._deregister()
+        if reregister:
             self._register(new)
         self._tune(new)
         logsetup.set_verbosity(new.verbosity)
         self.config, self.loaded = new, loaded
+
+    def _restore_site(self, old: Config, new: Config) -> None:
+        """Put the resource back as it was; if the old root has gone meanwhile, keep serving
+        the new one and say so (the status line then names what is really served)."""
+        assert self.site is not None
+        try:
+            self.site.reconfigure(root=old.root, write=old.write, etag_length=old.etag_length)
+        except OSError as e:
+            log.error("Could not go back to root %s (%s); serving %s", old.root, e, new.root)
+            self.config = dataclasses.replace(
+                old, root=new.root, write=new.write, etag_length=new.etag_length
+            )
 
     async def _rebind(self, wanted: list[Endpoint], loaded: Loaded) -> None:
         """Shut down contexts no longer wanted, bind new ones; on failure restore the old set."""

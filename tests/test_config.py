@@ -115,6 +115,7 @@ def test_values_are_typed(tmp_path: Path) -> None:
         ("cache = 3", "cache", "3", "expected a table [cache]"),
         ('[cache]\nmode = "fast"', "cache.mode", '"fast"', 'expected "auto" or "inotify"'),
         ("[cache]\nbyte_budget = -1", "cache.byte_budget", "-1", "expected an integer >= 0"),
+        ("[cache]\nwatch_budget = 0", "cache.watch_budget", "0", "expected an integer >= 1"),
         ("[cache]\npoll_interval = 0", "cache.poll_interval", "0", "a number of seconds > 0"),
         ("[observe]\ncoalesce_ms = 1.5", "observe.coalesce_ms", "1.5", "expected an integer"),
     ],

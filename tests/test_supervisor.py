@@ -190,6 +190,21 @@ def test_ready_only_when_serving_then_status_watchdog_and_clean_stop(
     assert not port_is_bound(port)
 
 
+def test_repeated_signals_during_stop_still_exit_0(process, root: Path, client: Client) -> None:
+    """A second SIGTERM (impatient operator) and a SIGHUP during the grace period change
+    nothing: the stop completes and the exit status is 0, not death by signal."""
+    port = free_udp_port()
+    p = process(["--bind", f"127.0.0.1:{port}", str(root)])
+    p.notify.wait_for("READY")
+    assert get(client, port, "a.txt").code == Code.CONTENT
+    p.send(signal.SIGTERM)
+    p.notify.wait_for("STOPPING")
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        if p.proc.poll() is None:
+            p.proc.send_signal(sig)
+    assert p.proc.wait(20) == 0, p.log()
+
+
 CONFIG = """\
 root = "{root}"
 bind = ["127.0.0.1:{port}"]
