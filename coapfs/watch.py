@@ -34,6 +34,9 @@ valid until ``on_change`` or ``on_reset`` says otherwise. False: the directory i
 stat on every request. It raises ValueError for a path outside root, and OSError
 (FileNotFoundError, NotADirectoryError, PermissionError) when path is no accessible directory.
 A watched directory stays watched, by inotify or by polling, until ``unwatch_directory``.
+Paths are watched as given, not resolved: two paths to one directory (a symlink to it, or
+a bind mount) are two watched directories that share one kernel watch, and each change in it
+is reported under both.
 
 Fallbacks: in mode "auto", a directory on a filesystem where inotify does not see other
 machines' changes (NFS, CIFS/SMB, FUSE, Ceph, 9p, AFS, cluster filesystems; found with
@@ -276,7 +279,8 @@ class Watcher:
         self._watch_manager: pyinotify.WatchManager | None = None
         self._notifier: _Notifier | None = None
         self._inotify: OrderedDict[Path, int] = OrderedDict()  # least recently used first
-        self._by_wd: dict[int, Path] = {}
+        # One kernel watch per inode: every watched path leading to that directory shares it.
+        self._by_wd: dict[int, set[Path]] = {}
         self._polled: dict[Path, _Snapshot] = {}
         self._poll_task: asyncio.Task[None] | None = None
         self._trusted_devices: dict[int, tuple[bool, str]] = {}
@@ -385,7 +389,7 @@ class Watcher:
         self._polled.pop(path, None)
         wd = self._inotify.pop(path, None)
         if wd is not None:
-            self._remove_inotify(wd)
+            self._release(path, wd)
 
     def watched_directories(self) -> dict[Path, bool]:
         """Every watched directory, mapped to whether inotify (True) or polling watches it."""
@@ -450,19 +454,19 @@ class Watcher:
             wd = result[os.path.normpath(str(path))]
             break
         # The kernel returns the existing descriptor for an inode that is already watched,
-        # e.g. the same directory reached by two paths; keep one path per descriptor.
-        other = self._by_wd.get(wd)
-        if other is not None and other != path:
-            self._inotify.pop(other, None)
-            self._polled[other] = _snapshot(other)
-            self._queue(other, reset=True)
-            self._ensure_polling()
+        # e.g. the same directory reached by two paths: the paths share it.
         self._inotify[path] = wd
-        self._by_wd[wd] = path
+        self._by_wd.setdefault(wd, set()).add(path)
         return True
 
-    def _remove_inotify(self, wd: int) -> None:
-        self._by_wd.pop(wd, None)
+    def _release(self, path: Path, wd: int) -> None:
+        """Drop path's share of watch wd; remove the kernel watch when no path is left on it."""
+        paths = self._by_wd.get(wd)
+        if paths is not None:
+            paths.discard(path)
+            if paths:
+                return  # another path to the same directory still uses it
+            del self._by_wd[wd]
         if self._watch_manager is None or self._watch_manager.get_watch(wd) is None:
             return  # the kernel has dropped it already (IN_IGNORED processed)
         # It fails when the kernel dropped the watch and its IN_IGNORED record is still queued.
@@ -473,7 +477,7 @@ class Watcher:
         """Move the least recently used inotify watch to polling."""
         path, wd = self._inotify.popitem(last=False)
         self._polled[path] = _snapshot(path)
-        self._remove_inotify(wd)
+        self._release(path, wd)
         self._queue(path, reset=True)
         self._ensure_polling()
 
@@ -499,29 +503,35 @@ class Watcher:
         if mask & pyinotify.IN_Q_OVERFLOW:
             self._queue(self.root, reset=True)
             return
-        directory = self._by_wd.get(event.wd)
-        if directory is None:
-            return  # a record for a watch we have removed or replaced
+        directories = self._by_wd.get(event.wd)
+        if not directories:
+            return  # a record for a watch we have removed
         if mask & pyinotify.IN_IGNORED:
             # The kernel dropped the watch: the directory is gone or its filesystem unmounted.
-            self._by_wd.pop(event.wd, None)
-            if self._inotify.get(directory) == event.wd:
-                del self._inotify[directory]
-                self._polled[directory] = _snapshot(directory)
-                self._ensure_polling()
-            self._queue(directory)
+            del self._by_wd[event.wd]
+            for directory in directories:
+                self._poll_instead(directory, event.wd)
+                self._queue(directory)
+            self._ensure_polling()
             return
         name = event.name
-        if name and mask & (_LISTING_EVENTS | _ENTRY_EVENTS):
-            self._queue(directory / name)
-        if not name or mask & (_LISTING_EVENTS | _SELF_GONE_EVENTS):
-            self._queue(directory)
-        if mask & pyinotify.IN_MOVE_SELF and self._inotify.get(directory) == event.wd:
-            # The watch follows the moved inode, no longer the path: poll the path instead.
+        for directory in directories:
+            if name and mask & (_LISTING_EVENTS | _ENTRY_EVENTS):
+                self._queue(directory / name)
+            if not name or mask & (_LISTING_EVENTS | _SELF_GONE_EVENTS):
+                self._queue(directory)
+        if mask & pyinotify.IN_MOVE_SELF:
+            # The watch follows the moved inode, no longer the paths: poll the paths instead.
+            for directory in list(directories):
+                self._poll_instead(directory, event.wd)
+                self._release(directory, event.wd)
+            self._ensure_polling()
+
+    def _poll_instead(self, directory: Path, wd: int) -> None:
+        """Poll directory from now on if inotify watched it through wd."""
+        if self._inotify.get(directory) == wd:
             del self._inotify[directory]
             self._polled[directory] = _snapshot(directory)
-            self._remove_inotify(event.wd)
-            self._ensure_polling()
 
     def _after_read(self, notifier: pyinotify.Notifier) -> None:
         self._flush()

@@ -306,6 +306,141 @@ def test_promotion_reports_changes_made_since_the_last_poll(tmp_path: Path) -> N
     run(tmp_path, scenario, mode="inotify", watch_budget=1, poll_interval=3600)
 
 
+def kernel_watches(watcher: Watcher) -> list[str]:
+    """The inotify watches the kernel holds for the watcher, from /proc/self/fdinfo."""
+    assert watcher._watch_manager is not None
+    info = Path(f"/proc/self/fdinfo/{watcher._watch_manager.get_fd()}").read_text()
+    return [line for line in info.splitlines() if line.startswith("inotify wd:")]
+
+
+@pytest.fixture(params=["symlink-to-subdirectory", "symlink-to-root"])
+def two_paths(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Path, Path]:
+    """Two paths beneath root to one directory: (the directory, a symlink to it)."""
+    if request.param == "symlink-to-subdirectory":
+        (tmp_path / "v2").mkdir()
+        (tmp_path / "latest").symlink_to("v2")
+        return tmp_path / "v2", tmp_path / "latest"
+    (tmp_path / "self").symlink_to(".")
+    return tmp_path, tmp_path / "self"
+
+
+def test_two_paths_to_one_directory_share_one_watch_and_its_reports(
+    tmp_path: Path, two_paths: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    real, alias = two_paths
+
+    async def scenario(watcher: Watcher, recorder: Recorder) -> None:
+        assert watcher.watch_directory(real)
+        assert watcher.watch_directory(alias)
+        assert watcher.watched_directories() == {real: True, alias: True}
+        assert len(kernel_watches(watcher)) == 1
+        await settle(recorder, real)
+        (real / "f.txt").write_text("written through one path")
+        await recorder.wait_for("change", real / "f.txt")
+        await recorder.wait_for("change", alias / "f.txt")
+        # Serving both paths over and over (what two observers' renders do) reports nothing.
+        since = len(recorder.history)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 1.0
+        while loop.time() < deadline:
+            assert watcher.watch_directory(alias)
+            assert watcher.watch_directory(real)
+            await asyncio.sleep(0.01)
+        assert recorder.history[since:] == []
+        assert not any(kind == "reset" for kind, _ in recorder.history)
+        assert watcher.watched_directories() == {real: True, alias: True}
+        # Unwatching one path leaves the other's reports flowing through the same watch.
+        watcher.unwatch_directory(real)
+        since = len(recorder.history)
+        assert watcher.watched_directories() == {alias: True}
+        assert len(kernel_watches(watcher)) == 1
+        (alias / "f.txt").write_text("written again")
+        await recorder.wait_for("change", alias / "f.txt")
+        await settle(recorder, alias)  # anything reported for the unwatched path came first
+        assert [
+            path
+            for _, path in recorder.history[since:]
+            if path == real or (path.parent == real and path != alias)
+        ] == []
+        watcher.unwatch_directory(alias)
+        assert watcher.watched_directories() == {}
+        assert kernel_watches(watcher) == []
+
+    caplog.set_level(logging.DEBUG, logger="pyinotify")
+    run(tmp_path, scenario, mode="inotify")
+    assert pyinotify_complaints(caplog) == []
+
+
+def test_two_paths_to_a_directory_renamed_away_are_both_polled(tmp_path: Path) -> None:
+    real, alias = tmp_path / "v2", tmp_path / "latest"
+    real.mkdir()
+    alias.symlink_to("v2")
+
+    async def scenario(watcher: Watcher, recorder: Recorder) -> None:
+        assert watcher.watch_directory(real)
+        assert watcher.watch_directory(alias)
+        await settle(recorder, real)
+        os.rename(real, tmp_path / "v1")
+        await recorder.wait_for("change", real)
+        await recorder.wait_for("change", alias)
+        assert watcher.watched_directories() == {real: False, alias: False}
+        assert kernel_watches(watcher) == []
+        real.mkdir()
+        (real / "f.txt").write_text("at both paths again")
+        await recorder.wait_for("change", real / "f.txt")
+        await recorder.wait_for("change", alias / "f.txt")
+
+    run(tmp_path, scenario, mode="inotify", poll_interval=0.1)
+
+
+def test_two_paths_to_a_deleted_directory_are_both_polled(tmp_path: Path) -> None:
+    real, alias = tmp_path / "v2", tmp_path / "latest"
+    real.mkdir()
+    alias.symlink_to("v2")
+
+    async def scenario(watcher: Watcher, recorder: Recorder) -> None:
+        assert watcher.watch_directory(real)
+        assert watcher.watch_directory(alias)
+        await settle(recorder, real)
+        real.rmdir()
+        await recorder.wait_for("change", real)
+        await recorder.wait_for("change", alias)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT
+        while watcher.watched_directories() != {real: False, alias: False}:
+            assert loop.time() < deadline, watcher.watched_directories()
+            await asyncio.sleep(0.01)  # the kernel's IN_IGNORED follows IN_DELETE_SELF
+        real.mkdir()
+        await recorder.wait_for("change", real)
+        await recorder.wait_for("change", alias)
+        assert watcher.watch_directory(alias) is True
+        assert watcher.watch_directory(real) is True
+        assert len(kernel_watches(watcher)) == 1
+
+    run(tmp_path, scenario, mode="inotify", poll_interval=0.1)
+
+
+def test_demoting_one_of_two_paths_keeps_the_other_on_inotify(tmp_path: Path) -> None:
+    real, alias, other = tmp_path / "v2", tmp_path / "latest", tmp_path / "other"
+    real.mkdir()
+    other.mkdir()
+    alias.symlink_to("v2")
+
+    async def scenario(watcher: Watcher, recorder: Recorder) -> None:
+        assert watcher.watch_directory(alias)
+        assert watcher.watch_directory(real)
+        assert watcher.watch_directory(other)  # over budget: "latest" goes to polling
+        await recorder.wait_for("reset", alias)
+        assert watcher.watched_directories() == {alias: False, real: True, other: True}
+        assert len(kernel_watches(watcher)) == 2
+        (real / "f.txt").write_text("x")
+        await recorder.wait_for("change", real / "f.txt")
+        await recorder.wait_for("change", alias / "f.txt")  # by polling
+        assert not recorder.seen("reset", real)
+
+    run(tmp_path, scenario, mode="inotify", watch_budget=2, poll_interval=0.1)
+
+
 def test_real_queue_overflow_resets_everything_and_watching_goes_on(tmp_path: Path) -> None:
     limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
     first, second = tmp_path / "a", tmp_path / "b"
