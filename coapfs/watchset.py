@@ -58,14 +58,29 @@ class WatchSet:
 
     def replaced(self, key: Key) -> bool:
         """Whether the held directory at `key` is no longer the one first watched there (renamed,
-        deleted, or swapped): then everything read beneath it is stale."""
-        if key not in self._holders:
+        deleted, swapped, or a symlink retargeted): then everything read beneath it is stale, and
+        the watches at and beneath it are moved to what the paths lead to now."""
+        if key not in self._holders or self._current_identity(key) == self._identity[key]:
             return False
-        now = self._current_identity(key)
-        if now == self._identity[key]:
-            return False
-        self._identity[key] = now
+        self.rewatch(key)
         return True
+
+    def rewatch(self, key: Key) -> None:
+        """Re-check every held directory at or beneath `key` (after a replacement, or when
+        events may have been lost) and watch again those whose path now leads elsewhere; a
+        watch follows its inode, not its path."""
+        n = len(key)
+        for held in [k for k in self._holders if k[:n] == key]:
+            now = self._current_identity(held)
+            if now == self._identity[held]:
+                continue
+            self._identity[held] = now
+            path = self._path(held)
+            self.watcher.unwatch_directory(path)
+            try:
+                self.watcher.watch_directory(path)
+            except (OSError, ValueError) as e:
+                log.debug("Cannot watch %s again: %s", path, e)
 
     def _current_identity(self, key: Key) -> tuple[int, int] | None:
         try:

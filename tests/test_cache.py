@@ -179,3 +179,50 @@ def test_cache_evicts_least_recently_used():
     assert not cache.put(("huge",), Entry(False, st, b"x" * 2000))
     cache.drop((), subtree=True)
     assert len(cache) == 0 and cache.bytes_used == 0
+
+
+def eventually(check, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_swapped_parent_directory_is_watched_anew(client, inprocess, tree):
+    """The release pattern `mv a a.old; mv a.new a`: what is served and observed below `a`
+    follows the new directory, not the old inode."""
+    for d in ("a", "a.new"):
+        (tree / d / "b").mkdir(parents=True)
+        (tree / d / "b" / "f.txt").write_text(f"{d} original")
+    server = inprocess()
+    obs = Observer(client, server.uri("a/b/f.txt"))
+    assert get(client, server.uri("a/b/")).code == codes.CONTENT
+    (tree / "a").rename(tree / "a.old")
+    (tree / "a.new").rename(tree / "a")
+    assert obs.wait_for(lambda m: m.payload == b"a.new original") is not None
+    (tree / "a" / "b" / "f.txt").write_text("changed in the new tree")
+    assert obs.wait_for(lambda m: m.payload == b"changed in the new tree") is not None
+    assert get(client, server.uri("a/b/f.txt")).payload == b"changed in the new tree"
+    (tree / "a" / "b" / "g.txt").write_text("g")
+    assert eventually(lambda: b"</a/b/g.txt>" in get(client, server.uri("a/b/")).payload)
+    obs.cancel()
+
+
+def test_retargeted_symlink_is_followed_for_reads_and_observe(client, inprocess, tree):
+    """`latest -> v2` swapped atomically to `v3`: later changes in v3 reach the observer."""
+    for v in ("v2", "v3"):
+        (tree / v).mkdir()
+        (tree / v / "f.txt").write_text(f"{v} original")
+    (tree / "latest").symlink_to("v2")
+    server = inprocess()
+    obs = Observer(client, server.uri("latest/f.txt"))
+    assert obs.first.payload == b"v2 original"
+    (tree / "latest.tmp").symlink_to("v3")
+    (tree / "latest.tmp").rename(tree / "latest")
+    assert obs.wait_for(lambda m: m.payload == b"v3 original") is not None
+    (tree / "v3" / "f.txt").write_text("v3 changed")
+    assert obs.wait_for(lambda m: m.payload == b"v3 changed") is not None
+    assert get(client, server.uri("latest/f.txt")).payload == b"v3 changed"
+    obs.cancel()
