@@ -44,6 +44,42 @@ class BlockOutOfRange(aiocoap.error.BadOption):
     message = "Block beyond the end of the resource"
 
 
+class UnsupportedOption(aiocoap.error.BadOption):
+    """A critical option this server does not implement (RFC 7252 5.4.1)."""
+
+    message = "Unsupported critical option"
+
+
+class NotAcceptable(aiocoap.error.NotAcceptable):
+    message = "Not available in the Content-Format asked for (Accept)"
+
+
+class NotAProxy(aiocoap.error.ProxyingNotSupported):
+    """Proxy-Uri or Proxy-Scheme: RFC 7252 5.7.2 prescribes 5.05, though it is the client's
+    mistake (counted as such)."""
+
+    message = "This server is not a proxy (Proxy-Uri, Proxy-Scheme)"
+
+
+class UploadIncomplete(aiocoap.error.RequestEntityIncomplete):
+    message = "Block-wise upload out of sequence; send it again from block 0"
+
+
+class UploadTooLarge(aiocoap.error.RequestEntityTooLarge):
+    """4.13 with the largest acceptable size in Size1 (RFC 7959 4)."""
+
+    message = "Upload larger than the space left on the server"
+
+    def __init__(self, message: str | None = None, *, limit: int) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+    def to_message(self) -> aiocoap.Message:
+        response = super().to_message()
+        response.opt.size1 = self.limit
+        return response
+
+
 class Unavailable(aiocoap.error.ConstructionRenderableError):
     """A server-side condition the client cannot fix (disk full, I/O error): 5.03, never 5.00."""
 

@@ -14,6 +14,8 @@ import logging
 import os
 import secrets
 import stat
+import time
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from typing import Any
 import aiocoap
 import aiocoap.error
 from aiocoap.interfaces import ObservableResource
-from aiocoap.numbers import ContentFormat, codes
+from aiocoap.numbers import ContentFormat, OptionNumber, TransportTuning, codes
 from aiocoap.optiontypes import BlockOption
 from aiocoap.resource import Resource
 
@@ -41,6 +43,26 @@ log = logging.getLogger("coapfs")
 SERVICE_LINK = '</>;ct=40;rt="tag:chrysn@fsfe.org,2022:fileserver"'
 _WELL_KNOWN_CORE = (".well-known", "core")
 _DEFAULT_SZX = 6  # 1024-byte blocks unless the client asks for smaller ones
+
+#: The critical options (RFC 7252 5.4.1) this service acts on (Uri-Host, Uri-Port and Uri-Query
+#: by serving the one tree whatever they say); any other critical option is a 4.02.
+_UNDERSTOOD_CRITICAL = frozenset(
+    {
+        OptionNumber.IF_MATCH,
+        OptionNumber.URI_HOST,
+        OptionNumber.IF_NONE_MATCH,
+        OptionNumber.URI_PORT,
+        OptionNumber.URI_PATH,
+        OptionNumber.URI_QUERY,
+        OptionNumber.ACCEPT,
+        OptionNumber.BLOCK2,
+        OptionNumber.BLOCK1,
+    }
+)
+_PROXY_OPTIONS = frozenset({OptionNumber.PROXY_URI, OptionNumber.PROXY_SCHEME})
+#: Options that differ between the blocks of one upload; everything else (Request-Tag
+#: included) must be the same in all of them (RFC 7959 2.4, RFC 9175 3).
+_PER_BLOCK_OPTIONS = (OptionNumber.BLOCK1, OptionNumber.BLOCK2, OptionNumber.OBSERVE)
 
 
 @dataclass
@@ -88,6 +110,7 @@ class FileServer(Resource, ObservableResource):
         self._cache: Cache | None = None
         self._observations = Observations(self._freshness.coalesce)
         self._observers: dict[Any, tuple[Key, list[Key]]] = {}
+        self._uploads = Uploads()
         self.counters = Counters()
 
     @property
@@ -209,12 +232,14 @@ class FileServer(Resource, ObservableResource):
 
     async def needs_blockwise_assembly(self, request: aiocoap.Message) -> bool:
         # GETs pick out the requested block themselves (reading only that block, and answering
-        # any block cold); uploads are assembled by aiocoap.
-        return request.code != codes.GET
+        # any block cold); uploads are assembled by `Uploads`, which (unlike aiocoap's spool)
+        # answers every block that does not fit with a 4.xx.
+        return False
 
     async def render(self, request: aiocoap.Message) -> aiocoap.Message:
         self.counters.requests += 1
         try:
+            _check_options(request)
             response = await super().render(request)
         except OSError as e:
             raise self._counted(errors.from_oserror(e)) from None
@@ -228,7 +253,7 @@ class FileServer(Resource, ObservableResource):
     def _counted(
         self, e: aiocoap.error.ConstructionRenderableError
     ) -> aiocoap.error.ConstructionRenderableError:
-        if e.code.class_ == 5:
+        if e.code.class_ == 5 and not isinstance(e, errors.NotAProxy):
             self.counters.server_errors += 1
         else:
             self.counters.client_errors += 1
@@ -237,13 +262,16 @@ class FileServer(Resource, ObservableResource):
     # Observe
 
     async def add_observation(self, request: aiocoap.Message, serverobservation: Any) -> None:
-        """Accept every observation of a valid path; the first rendering answers errors (and
-        an unsuccessful notification ends the observation, e.g. 4.04 after deletion)."""
-        if request.opt.uri_path == _WELL_KNOWN_CORE:
-            return
-        try:
-            target = self._target(request)
-        except aiocoap.error.RenderableError:
+        """Accept every observation of a GET of a valid path; the first rendering answers errors
+        (and an unsuccessful notification ends the observation, e.g. 4.04 after deletion).
+
+        Anything else is answered once, without Observe: aiocoap needs every observation
+        accepted (it calls the cancellation callback regardless), and a PUT or DELETE must never
+        be rendered again as a notification (that would repeat the write on every change)."""
+        target = self._observable_target(request)
+        if target is None:
+            serverobservation.accept(lambda: None)
+            serverobservation.deregister()
             return
         watches, _cache = self._watching()
         dirs = directories_of(target.segments, is_dir=target.is_dir_request)
@@ -251,6 +279,15 @@ class FileServer(Resource, ObservableResource):
         self._observations.add(target.segments, serverobservation)
         self._observers[serverobservation] = (target.segments, dirs)
         serverobservation.accept(lambda: self._observation_ended(serverobservation))
+
+    def _observable_target(self, request: aiocoap.Message) -> Target | None:
+        if request.code != codes.GET or request.opt.uri_path == _WELL_KNOWN_CORE:
+            return None
+        try:
+            _check_options(request)
+            return self._target(request)
+        except aiocoap.error.RenderableError:
+            return None
 
     def _observation_ended(self, serverobservation: Any) -> None:
         key, dirs = self._observers.pop(serverobservation)
@@ -262,13 +299,20 @@ class FileServer(Resource, ObservableResource):
 
     async def render_get(self, request: aiocoap.Message) -> aiocoap.Message:
         if request.opt.uri_path == _WELL_KNOWN_CORE:
+            _check_accept(request, ContentFormat.LINKFORMAT)
             return aiocoap.Message(
                 payload=SERVICE_LINK.encode("ascii"), content_format=ContentFormat.LINKFORMAT
             )
         target = self._target(request)
         entry, fd = self._lookup(target)
         try:
+            if entry.is_dir:
+                content_format = ContentFormat.LINKFORMAT
+            else:
+                content_format = guess_content_format(target.segments[-1])
+            _check_accept(request, content_format)
             etag = etag_from_digest(entry.digest, self._etag_length)
+            _check_conditions(request, etag, exists=True)
             if etag is not None and etag in request.opt.etags:
                 return aiocoap.Message(code=codes.VALID, etag=etag)
             body = entry.body
@@ -286,12 +330,8 @@ class FileServer(Resource, ObservableResource):
                 response = _block_response(
                     request, entry.st.st_size, lambda offset, size: os.pread(readable, size, offset)
                 )
-            if entry.is_dir:
-                response.opt.content_format = ContentFormat.LINKFORMAT
-            else:
-                content_format = guess_content_format(target.segments[-1])
-                if content_format is not None:
-                    response.opt.content_format = content_format
+            if content_format is not None:
+                response.opt.content_format = content_format
             response.opt.etag = etag
             return response
         finally:
@@ -357,17 +397,20 @@ class FileServer(Resource, ObservableResource):
     # PUT and DELETE
 
     async def render_put(self, request: aiocoap.Message) -> aiocoap.Message:
+        access.check_writable(self._write)
+        self._target(request)  # a bad path is refused at its first block, before any spooling
+        payload = self._uploads.feed(request, space=_space_left(self._root.fd))
+        if payload is None:
+            return aiocoap.Message(code=codes.CONTINUE, block1=request.opt.block1)
         target, parent, existing = self._write_target(
             request, "PUT needs a file name (directories are not created over CoAP)"
         )
         try:
-            if existing is not None and request.opt.if_none_match:
-                raise errors.PreconditionFailed("The file exists (If-None-Match)")
             st = await asyncio.to_thread(
                 _replace_atomically,
                 parent,
                 target.segments[-1],
-                request.payload,
+                payload,
                 existing,
                 no_replace=bool(request.opt.if_none_match),
             )
@@ -375,7 +418,9 @@ class FileServer(Resource, ObservableResource):
             os.close(parent)
         self._changed_here(target.segments)
         code = codes.CREATED if existing is None else codes.CHANGED
-        return aiocoap.Message(code=code, etag=etag_from_stat(st, self._etag_length))
+        response = aiocoap.Message(code=code, etag=etag_from_stat(st, self._etag_length))
+        response.opt.block1 = request.opt.block1
+        return response
 
     async def render_delete(self, request: aiocoap.Message) -> aiocoap.Message:
         target, parent, existing = self._write_target(
@@ -394,7 +439,7 @@ class FileServer(Resource, ObservableResource):
         self, request: aiocoap.Message, directory_refusal: str
     ) -> tuple[Target, int, os.stat_result | None]:
         """For PUT and DELETE: the file named, its parent directory (open), and the regular file
-        there now (None if there is none), with If-Match already checked against it."""
+        there now (None if there is none), with If-Match and If-None-Match checked against it."""
         access.check_writable(self._write)
         target = self._target(request)
         if target.is_dir_request:
@@ -402,7 +447,8 @@ class FileServer(Resource, ObservableResource):
         parent = self._open_parent(target)
         try:
             existing = self._existing(parent, target)
-            self._check_if_match(request, existing)
+            etag = None if existing is None else etag_from_stat(existing, self._etag_length)
+            _check_conditions(request, etag, exists=existing is not None)
         except BaseException:
             os.close(parent)
             raise
@@ -427,21 +473,118 @@ class FileServer(Resource, ObservableResource):
             raise errors.Forbidden("Only regular files can be written or deleted")
         return lst
 
-    def _check_if_match(self, request: aiocoap.Message, existing: os.stat_result | None) -> None:
-        wanted = request.opt.if_match
-        if not wanted:
-            return
-        if existing is None:
-            raise errors.PreconditionFailed("The file does not exist (If-Match)")
-        if b"" in wanted:
-            return
-        if etag_from_stat(existing, self._etag_length) not in wanted:
-            raise errors.PreconditionFailed("The file has changed (If-Match)")
-
     def _target(self, request: aiocoap.Message) -> Target:
         target = parse_uri_path(request.opt.uri_path)
         access.check_visible(target.segments, show_hidden=self._show_hidden)
         return target
+
+
+def _check_options(request: aiocoap.Message) -> None:
+    """Refuse what this server cannot honour: proxying (5.05, RFC 7252 5.7.2) and any critical
+    option it does not act on (4.02), rather than serving something the client did not ask for."""
+    for option in request.opt.option_list():
+        number = option.number
+        if number in _PROXY_OPTIONS:
+            raise errors.NotAProxy()
+        if number.is_critical() and number not in _UNDERSTOOD_CRITICAL:
+            raise errors.UnsupportedOption(f"Unsupported critical option {int(number)}")
+
+
+def _check_accept(request: aiocoap.Message, content_format: ContentFormat | None) -> None:
+    """4.06 unless Accept names what would be sent (octet-stream where no format is known)."""
+    accept = request.opt.accept
+    if accept is not None and accept != (content_format or ContentFormat.OCTETSTREAM):
+        raise errors.NotAcceptable()
+
+
+def _check_conditions(request: aiocoap.Message, etag: bytes | None, *, exists: bool) -> None:
+    """If-Match (an empty one: "exists") and If-None-Match (RFC 7252 5.10.8), for any method."""
+    wanted = request.opt.if_match
+    if wanted:
+        if not exists:
+            raise errors.PreconditionFailed("The file does not exist (If-Match)")
+        if b"" not in wanted and (etag is None or etag not in wanted):
+            raise errors.PreconditionFailed("The file has changed (If-Match)")
+    if exists and request.opt.if_none_match:
+        raise errors.PreconditionFailed("The file exists (If-None-Match)")
+
+
+def _space_left(fd: int) -> int:
+    """Bytes an unprivileged writer may still use on the file system holding `fd`."""
+    st = os.fstatvfs(fd)
+    return st.f_bavail * st.f_frsize
+
+
+@dataclass
+class _Upload:
+    body: bytearray
+    touched: float
+
+
+class Uploads:
+    """Block-wise uploads (Block1, RFC 7959) being assembled, one per client endpoint and request.
+
+    Stricter than aiocoap's spool, which answers a gap with 5.00 and, since two concurrent
+    uploads of one resource from one endpoint are told apart only by Request-Tag (RFC 9175),
+    stitches their blocks into a file neither client sent. Here a block must continue its upload
+    exactly, a second block 0 while an upload is in progress drops both, and every misfit is a
+    4.08 that drops the upload; uploads stay within the space left on disk (4.13)."""
+
+    def __init__(self, expiry: float = TransportTuning().MAX_TRANSMIT_WAIT) -> None:
+        self._expiry = expiry
+        self._pending: dict[Hashable, _Upload] = {}  # least recently fed first
+        self._held = 0
+
+    def feed(self, request: aiocoap.Message, *, space: int) -> bytes | None:
+        """The whole payload once the last block is in; None while more blocks are to come."""
+        block1 = request.opt.block1
+        if block1 is None:
+            return request.payload
+        now = time.monotonic()
+        self._expire(now)
+        key = (request.remote.blockwise_key, request.get_cache_key(_PER_BLOCK_OPTIONS))
+        upload = self._take(key)
+        if block1.block_number == 0:
+            if upload is not None:
+                raise errors.UploadIncomplete(
+                    "Another upload of this resource from your endpoint was in progress; both "
+                    "are dropped (concurrent uploads need distinct Request-Tags)"
+                )
+            upload = _Upload(bytearray(), now)
+        elif upload is None:
+            raise errors.UploadIncomplete("No upload in progress; start with block 0")
+        elif block1.start != len(upload.body):
+            raise errors.UploadIncomplete(
+                f"Block {block1.block_number} does not continue the upload "
+                f"({len(upload.body)} bytes received); send it again from block 0"
+            )
+        size = len(request.payload)
+        if block1.more and not (
+            size == block1.size or (block1.size_exponent == 7 and size and size % 1024 == 0)
+        ):
+            raise errors.UploadIncomplete("A block other than the last must fill its size")
+        if max(block1.start + size, request.opt.size1 or 0) > space - self._held:
+            raise errors.UploadTooLarge(limit=max(space - self._held, 0))
+        upload.body += request.payload
+        if not block1.more:
+            return bytes(upload.body)
+        upload.touched = now
+        self._pending[key] = upload
+        self._held += len(upload.body)
+        return None
+
+    def _take(self, key: Hashable) -> _Upload | None:
+        upload = self._pending.pop(key, None)
+        if upload is not None:
+            self._held -= len(upload.body)
+        return upload
+
+    def _expire(self, now: float) -> None:
+        """Forget uploads the client has given up on (no block for MAX_TRANSMIT_WAIT)."""
+        for key, upload in list(self._pending.items()):
+            if now - upload.touched < self._expiry:
+                break
+            self._take(key)
 
 
 def _block_response(request: aiocoap.Message, total: int, read) -> aiocoap.Message:
