@@ -57,6 +57,11 @@ def parse_uri_path(uri_path: Sequence[str]) -> Target:
             raise errors.BadPath("Path segments '.' and '..' are not allowed")
         if "/" in s or "\0" in s:
             raise errors.BadPath("Path segment contains '/' or NUL")
+        if not s.isascii():
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:  # undecodable bytes kept as surrogates (surrogateescape)
+                raise errors.BadPath("Path segment is not valid UTF-8") from None
     return Target(segments, is_dir)
 
 

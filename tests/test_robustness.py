@@ -519,3 +519,30 @@ def test_unreadable_directory_is_4_03(tmp_path: Path) -> None:
     finally:
         server.stop()
         (root / "locked").chmod(0o755)
+
+
+def test_uri_path_that_is_not_utf8_is_4_00_wherever_it_gets_through() -> None:
+    """aiocoap (0.4.14-0.4.17) drops such a datagram while decoding it, logging a traceback
+    (chrysn/aiocoap#176, #417); should it pass the bytes on as surrogates instead, the path is
+    still refused rather than opened by its raw bytes."""
+    from coapfs.errors import BadPath
+    from coapfs.resolve import parse_uri_path
+
+    for segment in (b"\xff\xfe", b"caf\xc3", b"\xc0\x80"):
+        with pytest.raises(BadPath):
+            parse_uri_path(["dir", segment.decode("utf-8", "surrogateescape")])
+    assert parse_uri_path(["café", ""]).segments == ("café",)
+
+
+def test_server_keeps_answering_after_a_uri_path_that_is_not_utf8(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_bytes(b"hello\n")
+    server = RawServer(tmp_path, tmp_path.parent / f"{tmp_path.name}.log")
+    try:
+        assert server.request(GET, path(b"\xff\xfe"), timeout=1) is None  # dropped by aiocoap
+        answered(server.request(GET, path("a.txt")), "2.05")
+        # the only traceback is aiocoap's own, from decoding that datagram (see above)
+        log = server.log()
+        assert log.count("Traceback") == log.count("UnicodeDecodeError: 'utf-8' codec"), log
+        assert "/coapfs/" not in log, log
+    finally:
+        server.stop()
