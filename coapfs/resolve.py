@@ -110,6 +110,25 @@ class Root:
         """An O_PATH descriptor for the entry (symlinks followed only inside the root)."""
         return self._open(segments, os.O_PATH)
 
+    def names_a_link(self, segments: Sequence[str]) -> bool:
+        """Whether the last segment is itself a symbolic link: what is read through it lives in
+        another directory than the path names, so watching that directory would not see it."""
+        if not segments:
+            return False
+        try:
+            fd = self._open(segments, os.O_PATH | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        try:
+            return stat.S_ISLNK(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+
+    def identity(self) -> tuple[int, int]:
+        """(device, inode) of the directory being served (which its path may no longer name)."""
+        st = os.fstat(self.fd)
+        return (st.st_dev, st.st_ino)
+
     def open_for_reading(self, segments: Sequence[str]) -> tuple[int, os.stat_result]:
         """A readable descriptor on a regular file or directory and its stat; anything else
         (FIFO, socket, device) or a path leaving the root raises OSError."""

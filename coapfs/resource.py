@@ -89,7 +89,8 @@ class FileServer(Resource, ObservableResource):
     """Serves the directory tree below `root`: listings, files, and (if `write`) PUT and DELETE.
 
     Listings and file state are cached while inotify watches their directories; the same
-    change reports drive Observe. Watching starts with the first request (it needs the loop)."""
+    change reports drive Observe. Watching starts with `start()` or the first request (it needs
+    the event loop)."""
 
     def __init__(
         self,
@@ -134,13 +135,29 @@ class FileServer(Resource, ObservableResource):
     def reconfigure(self, *, root: Path, write: bool, etag_length: int) -> None:
         """Apply a live change; a bad new root raises OSError and leaves everything as it was."""
         if Path(root) != self._root_path:
-            new_root = Root(root)
-            self._stop_watching()
-            old, self._root, self._root_path = self._root, new_root, Path(root)
-            old.close()
-            self._observations.changed((), subtree=True)
+            self._switch_root(Root(root), Path(root))
         self._write = write
         self._etag_length = etag_length
+
+    def _switch_root(self, new_root: Root, path: Path) -> None:
+        was_watching = self._stop_watching()
+        old, self._root, self._root_path = self._root, new_root, path
+        old.close()
+        if was_watching:
+            self.start()
+
+    def _follow_root(self) -> None:
+        """The root's path may now name another directory (`mv srv srv.old; mv srv.new srv`):
+        serve what the path names, as a client of that path expects, and start over."""
+        try:
+            st = os.stat(self._root_path)
+            if (st.st_dev, st.st_ino) == self._root.identity():
+                return
+            new_root = Root(self._root_path)
+        except OSError:
+            return  # mid-swap: the path is polled, and its return is reported again
+        log.warning("%s now names another directory; serving that one", self._root_path)
+        self._switch_root(new_root, self._root_path)
 
     def tune(self, *, cache: Any, observe: Any) -> None:
         """Apply [cache] and [observe]; watching restarts if how changes are detected changed."""
@@ -159,8 +176,8 @@ class FileServer(Resource, ObservableResource):
             new.watch_budget,
             new.mode,
             new.poll_interval,
-        ):
-            self._stop_watching()
+        ) and self._stop_watching():
+            self.start()
 
     def close(self) -> None:
         self._stop_watching()
@@ -186,13 +203,23 @@ class FileServer(Resource, ObservableResource):
                 self._watches.hold(dirs)
         return self._watches, self._cache
 
-    def _stop_watching(self) -> None:
-        """Forget everything cached and every watch (a new root, or a new way of watching)."""
+    def start(self) -> None:
+        """Start watching now, on the event loop (logging how changes are detected), rather
+        than with the first request; every observation is rendered afresh."""
+        if self._watches is None:
+            self._watching()
+            self._observations.changed((), subtree=True)
+
+    def _stop_watching(self) -> bool:
+        """Forget everything cached and every watch (a new root, or a new way of watching);
+        whether anything was being watched."""
+        was_watching = self._watches is not None
         if self._cache is not None:
             self._cache.clear()
         if self._watches is not None:
             self._watches.watcher.close()
         self._watches = self._cache = None
+        return was_watching
 
     def _entry_dropped(self, key: Key, entry: Entry) -> None:
         if self._watches is not None:
@@ -208,14 +235,19 @@ class FileServer(Resource, ObservableResource):
         key = self._key_of(path)
         if key is None or self._watches is None or self._cache is None:
             return
+        if key == ():
+            self._follow_root()
+            if self._watches is None or self._cache is None:
+                return
         subtree = self._watches.replaced(key)
         self._cache.drop(key, subtree=subtree)
         self._observations.changed(key, subtree=subtree)
 
     def _on_reset(self, path: Path) -> None:
         key = self._key_of(path)
-        if key is None or self._cache is None:
+        if key is None or self._watches is None or self._cache is None:
             return
+        self._watches.rewatch(key)  # what was lost may include a directory being replaced
         self._cache.drop(key, subtree=True)
         self._observations.changed(key, subtree=True)
 
@@ -344,44 +376,55 @@ class FileServer(Resource, ObservableResource):
         key = target.segments
         watches, cache = self._watching()
         if watches.watcher.mode == "poll":
-            return self._read(target)
+            entry, fd, _watchable = self._read(target)
+            return entry, fd
         hit = cache.get(key)
         if hit is not None and hit.is_dir == target.is_dir_request:
             return hit, None
         dirs = directories_of(key, is_dir=target.is_dir_request)
         trusted = watches.hold(dirs)  # before reading, so no change can slip in between
         try:
-            entry, fd = self._read(target)
+            entry, fd, watchable = self._read(target)
         except BaseException:
             watches.release(dirs)
             raise
-        if not (trusted and cache.put(key, entry)):
+        if not (trusted and watchable and cache.put(key, entry)):
             watches.release(dirs)
         return entry, fd
 
-    def _read(self, target: Target) -> tuple[Entry, int | None]:
+    def _read(self, target: Target) -> tuple[Entry, int | None, bool]:
+        """The entry from disk, a descriptor if a large file must still be read from, and
+        whether watching the path's directories sees every change to what was read: not for a
+        file reached through a symbolic link or with other hard links (changed under another
+        name), nor for a listing showing links (their targets change elsewhere)."""
         fd, st = self._root.open_for_reading(target.segments)
         keep_open = False
         try:
             if stat.S_ISDIR(st.st_mode):
                 if not target.is_dir_request:
                     raise errors.NotAFile()
-                return Entry(True, st, self._listing(fd, target)), None
+                body, shows_links = self._listing(fd, target)
+                return Entry(True, st, body), None, not shows_links
             if target.is_dir_request:
                 raise errors.NotADirectory()
+            watchable = st.st_nlink == 1 and not self._root.names_a_link(target.segments)
             if st.st_size <= SMALL_FILE_BYTES:
                 body = _read_whole(fd, st.st_size)
                 if stat_signature(os.fstat(fd)) == stat_signature(st):
-                    return Entry(False, st, body), None
+                    return Entry(False, st, body), None, watchable
                 st = os.fstat(fd)  # written to meanwhile: serve it block by block instead
             keep_open = True
-            return Entry(False, st, None), fd
+            return Entry(False, st, None), fd, watchable
         finally:
             if not keep_open:
                 os.close(fd)
 
-    def _listing(self, dirfd: int, target: Target) -> bytes:
+    def _listing(self, dirfd: int, target: Target) -> tuple[bytes, bool]:
+        """The link-format body, and whether it shows any symbolic link."""
+        links = []
+
         def resolve_link(name: str) -> os.stat_result | None:
+            links.append(name)
             try:
                 fd = self._root.open_path((*target.segments, name))
             except OSError:
@@ -392,7 +435,7 @@ class FileServer(Resource, ObservableResource):
                 os.close(fd)
 
         entries = listing.read_entries(dirfd, resolve_link, show_hidden=self._show_hidden)
-        return listing.render_listing(target.segments, entries)
+        return listing.render_listing(target.segments, entries), bool(links)
 
     # PUT and DELETE
 

@@ -184,6 +184,7 @@ class Supervisor:
         self.gate = Gate(self.site)
         for endpoint in endpoints(config):
             self._contexts[endpoint] = await self._bind(endpoint, self.loaded)
+        self.site.start()
         self._register(config)
 
     async def _bind(self, endpoint: Endpoint, loaded: Loaded) -> aiocoap.Context:

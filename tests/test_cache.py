@@ -4,6 +4,7 @@ holder, and responses stay correct throughout."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,4 +226,61 @@ def test_retargeted_symlink_is_followed_for_reads_and_observe(client, inprocess,
     (tree / "v3" / "f.txt").write_text("v3 changed")
     assert obs.wait_for(lambda m: m.payload == b"v3 changed") is not None
     assert get(client, server.uri("latest/f.txt")).payload == b"v3 changed"
+    obs.cancel()
+
+
+def test_file_behind_a_symlink_is_never_served_stale(client, inprocess, tree):
+    """The link's directory is watched, not its target's: such files are read afresh."""
+    (tree / "d0" / "link.txt").symlink_to("../d1/f0.txt")
+    server = inprocess()
+    assert get(client, server.uri("d0/link.txt")).payload == (tree / "d1" / "f0.txt").read_bytes()
+    (tree / "d1" / "f0.txt").write_text("changed behind the link")
+    assert get(client, server.uri("d0/link.txt")).payload == b"changed behind the link"
+    listing = get(client, server.uri("d0/")).payload
+    assert b"</d0/link.txt>" in listing
+    (tree / "d1" / "f0.txt").unlink()
+    assert get(client, server.uri("d0/link.txt")).code == codes.NOT_FOUND
+    assert b"</d0/link.txt>" not in get(client, server.uri("d0/")).payload
+
+
+def test_file_with_another_hard_link_is_never_served_stale(client, inprocess, tree):
+    """inotify reports a write under the name it was made through only."""
+    os.link(tree / "d0" / "f0.txt", tree / "d1" / "same.txt")
+    server = inprocess()
+    first = get(client, server.uri("d1/same.txt"))
+    with open(tree / "d0" / "f0.txt", "r+") as f:
+        f.write("written through the other name")
+    second = get(client, server.uri("d1/same.txt"))
+    assert second.payload.startswith(b"written through the other name")
+    assert second.opt.etag != first.opt.etag
+
+
+def test_swapped_root_is_served_by_its_path(client, inprocess, tree, tmp_path):
+    """`mv root root.old; mv root.new root`: the server follows the path, as clients expect."""
+    server = inprocess()
+    assert get(client, server.uri("d0/f0.txt")).code == codes.CONTENT
+    new = tmp_path / "root.new"
+    (new / "d0").mkdir(parents=True)
+    (new / "d0" / "f0.txt").write_text("the new tree")
+    tree.rename(tmp_path / "root.old")
+    new.rename(tree)
+    assert eventually(lambda: get(client, server.uri("d0/f0.txt")).payload == b"the new tree")
+    (tree / "d0" / "f0.txt").write_text("the new tree, changed")
+    assert eventually(
+        lambda: get(client, server.uri("d0/f0.txt")).payload == b"the new tree, changed"
+    )
+
+
+def test_new_way_of_watching_keeps_observers_informed(client, inprocess, tree):
+    """A reload that changes [cache] restarts watching at once: no change goes unnotified."""
+    server = inprocess()
+    obs = Observer(client, server.uri("d2/f1.txt"))
+    server.inspect(
+        lambda: server.site.tune(
+            cache=CacheSettings(mode="poll", poll_interval=0.2), observe=ObserveSettings()
+        )
+    )
+    assert server.inspect(lambda: server.site.cache_mode) == "poll"
+    (tree / "d2" / "f1.txt").write_text("after the reload")
+    assert obs.wait_for(lambda m: m.payload == b"after the reload") is not None
     obs.cancel()
