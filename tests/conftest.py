@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import aiocoap
@@ -74,16 +74,18 @@ def _load_json(path: Path) -> dict:
 class Server:
     """`python -m coapfs` serving `root` on a free loopback port."""
 
-    def __init__(self, root: Path, *args: str, log: Path) -> None:
+    def __init__(self, root: Path, *args: str, log: Path, wrapper: Sequence[str] = ()) -> None:
         self.root = root
         self.port = free_udp_port()
         self.base = f"coap://127.0.0.1:{self.port}"
         self.log_path = log
         self._log = log.open("wb")
+        command = [sys.executable, "-m", "coapfs", "--bind", f"127.0.0.1:{self.port}"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "coapfs", "--bind", f"127.0.0.1:{self.port}", *args, str(root)],
+            [*wrapper, *command, *args, str(root)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            cwd=Path(__file__).parent.parent,
         )
 
     def uri(self, path: str) -> str:

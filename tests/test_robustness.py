@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -23,7 +21,10 @@ from pathlib import Path
 import aiocoap
 import pytest
 
-from conftest import IN_CI, Client, free_udp_port
+from conftest import IN_CI, Client, Server
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
+import coapmsg  # noqa: E402  (the benchmark's raw CoAP codec: malformed requests, as written)
 
 GET, POST, PUT, DELETE, FETCH, PATCH, IPATCH = 1, 2, 3, 4, 5, 6, 7
 CON, ACK = 0, 2
@@ -35,66 +36,21 @@ SPOOL_PREFIX = ".coapfs-upload-"
 Options = Sequence[tuple[int, bytes]]
 
 
-def uint(value: int) -> bytes:
-    return value.to_bytes((value.bit_length() + 7) // 8, "big")
-
-
-def block(num: int, more: bool, szx: int) -> bytes:
-    return uint((num << 4) | (int(more) << 3) | szx)
+uint, block = coapmsg.uint, coapmsg.block2  # a Block1 value is encoded as a Block2 one
 
 
 def path(*segments: str | bytes) -> list[tuple[int, bytes]]:
     return [(URI_PATH, s.encode() if isinstance(s, str) else s) for s in segments]
 
 
-def _ext(n: int) -> tuple[int, bytes]:
-    if n < 13:
-        return n, b""
-    if n < 269:
-        return 13, bytes([n - 13])
-    return 14, (n - 269).to_bytes(2, "big")
-
-
-def encode(code: int, mid: int, token: bytes, options: Options, payload: bytes) -> bytes:
-    out = bytearray((0x40 | (CON << 4) | len(token), code, mid >> 8, mid & 0xFF)) + token
-    last = 0
-    for number, value in sorted(options, key=lambda o: o[0]):
-        dnib, dext = _ext(number - last)
-        lnib, lext = _ext(len(value))
-        out += bytes([(dnib << 4) | lnib]) + dext + lext + value
-        last = number
-    return bytes(out + (b"\xff" + payload if payload else b""))
-
-
 class Response:
     """A parsed response: code (as "4.04"), options as (number, value) pairs, payload."""
 
     def __init__(self, data: bytes) -> None:
-        self.mtype, tkl, self.raw_code = (data[0] >> 4) & 3, data[0] & 0x0F, data[1]
-        self.mid, self.token = int.from_bytes(data[2:4], "big"), data[4 : 4 + tkl]
-        self.options: list[tuple[int, bytes]] = []
-        self.payload = b""
-        i, number = 4 + tkl, 0
-        while i < len(data):
-            if data[i] == 0xFF:
-                self.payload = data[i + 1 :]
-                break
-            delta, length, i = data[i] >> 4, data[i] & 0x0F, i + 1
-            if delta == 13:
-                delta, i = data[i] + 13, i + 1
-            elif delta == 14:
-                delta, i = int.from_bytes(data[i : i + 2], "big") + 269, i + 2
-            if length == 13:
-                length, i = data[i] + 13, i + 1
-            elif length == 14:
-                length, i = int.from_bytes(data[i : i + 2], "big") + 269, i + 2
-            number += delta
-            self.options.append((number, data[i : i + length]))
-            i += length
-
-    @property
-    def code(self) -> str:
-        return f"{self.raw_code >> 5}.{self.raw_code & 0x1F:02d}"
+        m = coapmsg.parse(data)
+        self.mtype, self.raw_code, self.mid, self.token = m.mtype, m.code, m.mid, m.token
+        self.options, self.payload = m.options, m.payload
+        self.code = coapmsg.code_str(m.code)
 
     def opt(self, number: int) -> bytes | None:
         return next((v for n, v in self.options if n == number), None)
@@ -103,20 +59,12 @@ class Response:
         return f"<{self.code} {self.options} {self.payload[:80]!r}>"
 
 
-class RawServer:
+class RawServer(Server):
     """`python -m coapfs -vv` on a free loopback port (optionally under a wrapper command),
     spoken to with hand-made datagrams."""
 
     def __init__(self, root: Path, log: Path, *args: str, wrapper: Sequence[str] = ()) -> None:
-        self.root, self.log_path, self.port = root, log, free_udp_port()
-        self._log = log.open("wb")
-        command = [sys.executable, "-m", "coapfs", "-vv", "--bind", f"127.0.0.1:{self.port}"]
-        self.proc = subprocess.Popen(
-            [*wrapper, *command, *args, str(root)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=Path(__file__).parent.parent,
-        )
+        super().__init__(root, "-vv", *args, log=log, wrapper=wrapper)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.mid = 0
@@ -130,7 +78,8 @@ class RawServer:
         """One confirmable request; its response (piggybacked or separate), None on timeout."""
         self.mid = (self.mid + 1) % 65536
         token = os.urandom(4)
-        self.sock.sendto(encode(code, self.mid, token, options, payload), ("127.0.0.1", self.port))
+        message = coapmsg.Message(CON, code, self.mid, token, list(options), payload)
+        self.sock.sendto(message.encode(), ("127.0.0.1", self.port))
         return self.receive(token, timeout)
 
     def receive(self, token: bytes, timeout: float) -> Response | None:
@@ -148,8 +97,7 @@ class RawServer:
                 return response
         return None
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+    log = Server.log_text
 
     def assert_clean(self) -> None:
         log = self.log()
@@ -158,14 +106,7 @@ class RawServer:
 
     def stop(self) -> None:
         self.sock.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        super().stop()
 
 
 def answered(response: Response | None, *codes: str) -> Response:
