@@ -374,11 +374,11 @@ class Loader:
 
     def _absolute(self, config: Config) -> Config:
         def absolute(p: Path | None) -> Path | None:
-            return None if p is None else self.cwd / p
+            return None if p is None else Path(os.path.normpath(self.cwd / p))
 
         return dataclasses.replace(
             config,
-            root=self.cwd / config.root,
+            root=Path(os.path.normpath(self.cwd / config.root)),
             credentials=absolute(config.credentials),
             tls_server_certificate=absolute(config.tls_server_certificate),
             tls_server_key=absolute(config.tls_server_key),

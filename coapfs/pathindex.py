@@ -5,7 +5,6 @@ need when a directory is renamed or deleted."""
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
 from typing import Generic, TypeVar
 
 Key = tuple[str, ...]
@@ -61,6 +60,3 @@ class PathIndex(Generic[V]):
 
     def oldest(self) -> Key | None:
         return next(iter(self._values), None)
-
-    def items(self) -> Iterator[tuple[Key, V]]:
-        return iter(list(self._values.items()))

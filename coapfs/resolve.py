@@ -106,9 +106,14 @@ class Root:
             os.close(self.fd)
             self.fd = -1
 
-    def open_path(self, segments: Sequence[str]) -> int:
-        """An O_PATH descriptor for the entry (symlinks followed only inside the root)."""
-        return self._open(segments, os.O_PATH)
+    def stat(self, segments: Sequence[str], *, follow_links: bool = True) -> os.stat_result:
+        """The entry's stat, from an O_PATH descriptor: no side effect even on a FIFO or device
+        (symlinks followed only inside the root, and with `follow_links` only)."""
+        fd = self._open(segments, os.O_PATH if follow_links else os.O_PATH | os.O_NOFOLLOW)
+        try:
+            return os.fstat(fd)
+        finally:
+            os.close(fd)
 
     def names_a_link(self, segments: Sequence[str]) -> bool:
         """Whether the last segment is itself a symbolic link: what is read through it lives in
@@ -116,13 +121,9 @@ class Root:
         if not segments:
             return False
         try:
-            fd = self._open(segments, os.O_PATH | os.O_NOFOLLOW)
+            return stat.S_ISLNK(self.stat(segments, follow_links=False).st_mode)
         except OSError:
             return False
-        try:
-            return stat.S_ISLNK(os.fstat(fd).st_mode)
-        finally:
-            os.close(fd)
 
     def identity(self) -> tuple[int, int]:
         """(device, inode) of the directory being served (which its path may no longer name)."""
@@ -132,11 +133,7 @@ class Root:
     def open_for_reading(self, segments: Sequence[str]) -> tuple[int, os.stat_result]:
         """A readable descriptor on a regular file or directory and its stat; anything else
         (FIFO, socket, device) or a path leaving the root raises OSError."""
-        pfd = self.open_path(segments)
-        try:
-            st = os.fstat(pfd)
-        finally:
-            os.close(pfd)
+        st = self.stat(segments)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             raise OSError(errno.ENOENT, "Not a regular file or directory")
         fd = self._open(segments, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
@@ -147,9 +144,7 @@ class Root:
         return fd, st2
 
     def open_parent(self, segments: Sequence[str]) -> int:
-        """A readable descriptor on the directory that holds the last segment."""
-        if not segments:
-            raise OSError(errno.EISDIR, "The root itself")
+        """A readable descriptor on the directory that holds the last (non-empty) segment."""
         return self._open(segments[:-1], os.O_RDONLY | os.O_DIRECTORY)
 
     def _open(self, segments: Sequence[str], flags: int) -> int:

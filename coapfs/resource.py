@@ -1,9 +1,14 @@
 """The file service's protocol behaviour (aiocoap's "resource" half; the program around it owns
 sockets, configuration and lifecycle).
 
-Every request flows one way: Uri-Path → `resolve` (a safe path beneath the root) → `access`
-(hidden names, write permission) → the file system → a response. Every OS error on that way is
-the client's 4.xx (see `errors`), never a 5.00.
+Every request flows one way: Uri-Path parsed and checked (`resolve.parse_uri_path`, `access`) →
+resolved beneath the root (`resolve.Root`) → the cache or the file system → a response. Every
+OS error on that way is answered by `errors`: the client's 4.xx, or 5.03 for what only the
+server can mend (disk full, I/O error), never a 5.00.
+
+The resource also keeps its cache fresh: it holds watches (`watchset`) on the directories of
+what it caches or what is observed, and the watcher's change reports drop cache entries and
+notify observers (`observe`).
 """
 
 from __future__ import annotations
@@ -97,8 +102,8 @@ class FileServer(Resource, ObservableResource):
         show_hidden: bool = False,
     ) -> None:
         super().__init__()
-        self._root = Root(root)
-        self._root_path = Path(root)
+        self._root_path = _normalized(root)
+        self._root = Root(self._root_path)
         self._write = write
         self._etag_length = etag_length
         self._show_hidden = show_hidden
@@ -124,14 +129,14 @@ class FileServer(Resource, ObservableResource):
 
     @property
     def cache_mode(self) -> str:
-        """How changes are detected now: "inotify" or "poll" (the configured mode until the
-        first request starts watching)."""
+        """How changes are detected now: "inotify" or "poll" (before watching starts, the
+        configured mode, which may be "auto")."""
         return self._watches.watcher.mode if self._watches else self._freshness.mode
 
     def reconfigure(self, *, root: Path, write: bool, etag_length: int) -> None:
         """Apply a live change; a bad new root raises OSError and leaves everything as it was."""
-        if Path(root) != self._root_path:
-            self._switch_root(Root(root), Path(root))
+        if _normalized(root) != self._root_path:
+            self._switch_root(Root(_normalized(root)), _normalized(root))
         self._write = write
         self._etag_length = etag_length
 
@@ -208,14 +213,12 @@ class FileServer(Resource, ObservableResource):
 
     def _stop_watching(self) -> bool:
         """Forget everything cached and every watch (a new root, or a new way of watching);
-        whether anything was being watched."""
-        was_watching = self._watches is not None
-        if self._cache is not None:
-            self._cache.clear()
-        if self._watches is not None:
-            self._watches.watcher.close()
-        self._watches = self._cache = None
-        return was_watching
+        whether anything was being watched. Closing the watcher ends its watches at once."""
+        watches, self._watches, self._cache = self._watches, None, None
+        if watches is None:
+            return False
+        watches.watcher.close()
+        return True
 
     def _entry_dropped(self, key: Key, entry: Entry) -> None:
         if self._watches is not None:
@@ -228,27 +231,32 @@ class FileServer(Resource, ObservableResource):
             return None
 
     def _on_change(self, path: Path) -> None:
+        self._stale(path, reset=False)
+
+    def _on_reset(self, path: Path) -> None:
+        self._stale(path, reset=True)
+
+    def _stale(self, path: Path, *, reset: bool) -> None:
+        """What is cached for `path` is stale (with `reset`: everything at or beneath it, since
+        changes may have gone unseen); drop it and tell its observers."""
         key = self._key_of(path)
-        if key is None or self._watches is None or self._cache is None:
+        if key is None or self._watches is None:
             return
         if key == ():
             self._follow_root()
-            if self._watches is None or self._cache is None:
-                return
-        subtree = self._watches.replaced(key)
+        if self._watches is None or self._cache is None:
+            return
+        if reset:
+            self._watches.rewatch(key)  # what went unseen may include a directory replaced
+            subtree = True
+        else:
+            subtree = self._watches.replaced(key)
         self._cache.drop(key, subtree=subtree)
         self._observations.changed(key, subtree=subtree)
 
-    def _on_reset(self, path: Path) -> None:
-        key = self._key_of(path)
-        if key is None or self._watches is None or self._cache is None:
-            return
-        self._watches.rewatch(key)  # what was lost may include a directory being replaced
-        self._cache.drop(key, subtree=True)
-        self._observations.changed(key, subtree=True)
-
     def _changed_here(self, key: Key) -> None:
-        """Our own write: drop what was cached at once, before inotify reports it."""
+        """Our own write: drop what was cached and notify observers at once, before inotify
+        reports it."""
         for k in (key, key[:-1]):
             if self._cache is not None:
                 self._cache.drop(k)
@@ -384,15 +392,17 @@ class FileServer(Resource, ObservableResource):
         except BaseException:
             watches.release(dirs)
             raise
-        if not (trusted and watchable and cache.put(key, entry)):
+        cacheable = trusted and watchable and (entry.is_dir or not self._root.names_a_link(key))
+        if not (cacheable and cache.put(key, entry)):
             watches.release(dirs)
         return entry, fd
 
     def _read(self, target: Target) -> tuple[Entry, int | None, bool]:
         """The entry from disk, a descriptor if a large file must still be read from, and
-        whether watching the path's directories sees every change to what was read: not for a
-        file reached through a symbolic link or with other hard links (changed under another
-        name), nor for a listing showing links (their targets change elsewhere)."""
+        whether watching the path's directories can see every change to what was read: not for
+        a file with other hard links (changed under another name), nor for a listing showing
+        links (their targets change elsewhere); `_lookup` rules out files reached through a
+        link (checked only where the entry would be cached)."""
         fd, st = self._root.open_for_reading(target.segments)
         keep_open = False
         try:
@@ -403,7 +413,7 @@ class FileServer(Resource, ObservableResource):
                 return Entry(True, st, body), None, not shows_links
             if target.is_dir_request:
                 raise errors.NotADirectory()
-            watchable = st.st_nlink == 1 and not self._root.names_a_link(target.segments)
+            watchable = st.st_nlink == 1
             if st.st_size <= SMALL_FILE_BYTES:
                 body = _read_whole(fd, st.st_size)
                 if stat_signature(os.fstat(fd)) == stat_signature(st):
@@ -422,13 +432,9 @@ class FileServer(Resource, ObservableResource):
         def resolve_link(name: str) -> os.stat_result | None:
             links.append(name)
             try:
-                fd = self._root.open_path((*target.segments, name))
+                return self._root.stat((*target.segments, name))
             except OSError:
                 return None
-            try:
-                return os.fstat(fd)
-            finally:
-                os.close(fd)
 
         entries = listing.read_entries(dirfd, resolve_link, show_hidden=self._show_hidden)
         return listing.render_listing(target.segments, entries), bool(links)
@@ -485,7 +491,7 @@ class FileServer(Resource, ObservableResource):
             raise errors.BadPath(directory_refusal)
         parent = self._open_parent(target)
         try:
-            existing = self._existing(parent, target)
+            existing = self._existing(parent, target, directory_refusal)
             etag = None if existing is None else etag_from_stat(existing, self._etag_length)
             _check_conditions(request, etag, exists=existing is not None)
         except BaseException:
@@ -499,7 +505,9 @@ class FileServer(Resource, ObservableResource):
         except (FileNotFoundError, NotADirectoryError):
             raise errors.NotFound("Parent directory does not exist") from None
 
-    def _existing(self, parent: int, target: Target) -> os.stat_result | None:
+    def _existing(
+        self, parent: int, target: Target, directory_refusal: str
+    ) -> os.stat_result | None:
         """The regular file a write would replace (None if there is none); directories and
         symbolic links are refused, so a write never reaches past the name it was sent to."""
         try:
@@ -507,7 +515,7 @@ class FileServer(Resource, ObservableResource):
         except FileNotFoundError:
             return None
         if stat.S_ISDIR(lst.st_mode):
-            raise errors.NotAFile("Is a directory")
+            raise errors.NotAFile(f"Is a directory: {directory_refusal}")
         if not stat.S_ISREG(lst.st_mode):
             raise errors.Forbidden("Only regular files can be written or deleted")
         return lst
@@ -542,7 +550,11 @@ def _check_conditions(request: aiocoap.Message, etag: bytes | None, *, exists: b
     if wanted:
         if not exists:
             raise errors.PreconditionFailed("The file does not exist (If-Match)")
-        if b"" not in wanted and (etag is None or etag not in wanted):
+        if b"" not in wanted and etag is None:
+            raise errors.PreconditionFailed(
+                "No ETag to match: ETags are disabled here (an empty If-Match means 'exists')"
+            )
+        if b"" not in wanted and etag not in wanted:
             raise errors.PreconditionFailed("The file has changed (If-Match)")
     if exists and request.opt.if_none_match:
         raise errors.PreconditionFailed("The file exists (If-None-Match)")
@@ -567,6 +579,11 @@ def _block_response(request: aiocoap.Message, total: int, read) -> aiocoap.Messa
     elif request.opt.size2 is not None:
         response.opt.size2 = total
     return response
+
+
+def _normalized(root: Path | str) -> Path:
+    """The root as the watcher reports paths beneath it: absolute, without `..` or `.`."""
+    return Path(os.path.abspath(root))
 
 
 def _read_whole(fd: int, size: int) -> bytes:

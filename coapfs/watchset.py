@@ -4,7 +4,6 @@ entries, observations): a watch is taken with its first holder and goes with its
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from .pathindex import Key
@@ -84,13 +83,9 @@ class WatchSet:
 
     def _current_identity(self, key: Key) -> tuple[int, int] | None:
         try:
-            fd = self._root.open_path(key)
+            st = self._root.stat(key)
         except OSError:
             return None
-        try:
-            st = os.fstat(fd)
-        finally:
-            os.close(fd)
         return (st.st_dev, st.st_ino)
 
     def _path(self, key: Key) -> Path:

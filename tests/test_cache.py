@@ -284,3 +284,17 @@ def test_new_way_of_watching_keeps_observers_informed(client, inprocess, tree):
     (tree / "d2" / "f1.txt").write_text("after the reload")
     assert obs.wait_for(lambda m: m.payload == b"after the reload") is not None
     obs.cancel()
+
+
+def test_root_given_with_dot_dot_still_sees_changes(client, tree):
+    """`coap-fileserver sub/..`: change reports name the normalised path; they must still land."""
+    server = InProcess(client, tree / "d0" / "..")
+    try:
+        assert get(client, server.uri("d1/f1.txt")).code == codes.CONTENT
+        obs = Observer(client, server.uri("d1/f1.txt"))
+        (tree / "d1" / "f1.txt").write_text("seen through a root with ..")
+        assert obs.wait_for(lambda m: m.payload == b"seen through a root with ..") is not None
+        assert get(client, server.uri("d1/f1.txt")).payload == b"seen through a root with .."
+        obs.cancel()
+    finally:
+        server.close()

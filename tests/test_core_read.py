@@ -159,6 +159,9 @@ def test_etag_length(client, start_server, tmp_path, length):
     if length == 0:
         assert r.opt.etag is None
         assert get(client, server.uri(""), etag=b"\x01").code == codes.CONTENT
+        refused = get(client, server.uri("f"), if_match=[b"\x01"])
+        assert refused.code == codes.PRECONDITION_FAILED
+        assert b"ETags are disabled" in refused.payload
     else:
         assert len(r.opt.etag) == length
         assert get(client, server.uri("f"), etag=r.opt.etag).code == codes.VALID

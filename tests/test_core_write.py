@@ -123,6 +123,8 @@ def test_directories_are_neither_deleted_nor_overwritten(client, server, root):
         put(client, server.uri("dir/"), b"x"),
     ):
         assert r.code == codes.BAD_REQUEST and r.payload
+    assert b"not created over CoAP" in put(client, server.uri("dir"), b"x").payload
+    assert b"not deleted over CoAP" in delete(client, server.uri("dir")).payload
     assert (root / "dir").is_dir()
 
 
