@@ -3,6 +3,7 @@ entries, observations): a watch is taken with its first holder and goes with its
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -11,6 +12,9 @@ from .resolve import Root
 from .watch import Watcher
 
 log = logging.getLogger("coapfs")
+
+#: Seconds a directory nobody holds stays watched, in case it is wanted again right away.
+IDLE_UNWATCH = 1.0
 
 
 def directories_of(key: Key, *, is_dir: bool) -> list[Key]:
@@ -46,6 +50,9 @@ class WatchSet:
         return trusted
 
     def release(self, dirs: list[Key]) -> None:
+        """One holder fewer; a directory nobody holds is unwatched after IDLE_UNWATCH seconds
+        (unless held again by then), so what is read afresh on every request — an entry that
+        cannot be cached — does not add and remove a kernel watch each time."""
         for key in dirs:
             count = self._holders.get(key, 0) - 1
             if count > 0:
@@ -53,6 +60,13 @@ class WatchSet:
                 continue
             self._holders.pop(key, None)
             self._identity.pop(key, None)
+            try:
+                asyncio.get_running_loop().call_later(IDLE_UNWATCH, self._unwatch_if_idle, key)
+            except RuntimeError:  # not on the loop (closing): no later
+                self._unwatch_if_idle(key)
+
+    def _unwatch_if_idle(self, key: Key) -> None:
+        if key not in self._holders:
             self.watcher.unwatch_directory(self._path(key))
 
     def replaced(self, key: Key) -> bool:
