@@ -18,7 +18,7 @@ from pathlib import Path
 import aiocoap
 import pytest
 
-from coapfs.credentials import prepare_credentials
+from coapfs.daemon.credentials import prepare_credentials
 
 IN_CI = os.environ.get("CI") == "true"
 

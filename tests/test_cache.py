@@ -4,9 +4,9 @@ holder, and responses stay correct throughout."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiocoap
@@ -14,31 +14,19 @@ import pytest
 from aiocoap.numbers import codes
 from test_observe import Observer
 
-from coapfs.cache import Cache, Entry
-from coapfs.pathindex import PathIndex
-from coapfs.resource import FileServer
+from coapfs.config import CacheConfig, Config
+from coapfs.protocol.resource import FileService
+from coapfs.tree.cache import Cache, Entry
+from coapfs.tree.pathindex import PathIndex
 
 from conftest import Client, free_udp_port, get
-
-
-@dataclass
-class CacheSettings:
-    byte_budget: int = 64 * 1024 * 1024
-    watch_budget: int = 1024
-    mode: str = "auto"
-    poll_interval: float = 0.2
-
-
-@dataclass
-class ObserveSettings:
-    coalesce_ms: int = 100
 
 
 class InProcess:
     def __init__(self, client: Client, root: Path, **cache) -> None:
         self.client = client
-        self.site = FileServer(root)
-        self.site.tune(cache=CacheSettings(**cache), observe=ObserveSettings())
+        self.config = Config(root=root, cache=CacheConfig(**{"poll_interval": 0.2, **cache}))
+        self.site = FileService(self.config.service)
         port = free_udp_port()
         self.base = f"coap://127.0.0.1:{port}"
         self.context = client.run(
@@ -56,11 +44,15 @@ class InProcess:
 
         return self.client.run(call())
 
-    def watched(self) -> dict[Path, bool]:
-        return self.inspect(lambda: dict(self.site._watches.watcher.watched_directories()))
+    def stats(self) -> dict:
+        return self.inspect(self.site.stats)
 
-    def cache(self) -> Cache:
-        return self.site._cache
+    def watched(self) -> dict[Path, bool]:
+        return self.stats()["watched"]
+
+    def reconfigure(self, **cache) -> None:
+        config = dataclasses.replace(self.config, cache=CacheConfig(**cache))
+        self.inspect(lambda: self.site.apply(self.site.prepare(config.service)))
 
     def close(self) -> None:
         self.client.run(self.context.shutdown())
@@ -101,9 +93,9 @@ def fetch_all(client, server: InProcess, tree: Path) -> None:
 def test_byte_budget_bounds_the_cache(client, inprocess, tree):
     server = inprocess(byte_budget=4000)
     fetch_all(client, server, tree)
-    cache = server.cache()
-    assert 0 < cache.bytes_used <= 4000
-    assert len(cache) < 36
+    stats = server.stats()
+    assert 0 < stats["cached_bytes"] <= 4000
+    assert stats["cached_entries"] < 36
     fetch_all(client, server, tree)  # evicted entries are read again, correctly
 
 
@@ -125,12 +117,12 @@ def test_watch_budget_bounds_inotify_watches_and_responses_stay_right(client, in
 def test_overflow_drops_everything_and_responses_stay_correct(client, inprocess, tree):
     server = inprocess()
     fetch_all(client, server, tree)
-    assert len(server.cache()) > 0
+    assert server.stats()["cached_entries"] > 0
     obs = Observer(client, server.uri("d0/f0.txt"))
     # A change the kernel's queue lost: only the overflow tells the server.
     (tree / "d0" / "f0.txt").write_text("lost event")
-    server.inspect(lambda: server.site._watches.watcher.simulate_overflow())
-    assert server.inspect(lambda: len(server.cache())) == 0
+    server.inspect(server.site.tree.simulate_overflow)
+    assert server.stats()["cached_entries"] == 0
     assert get(client, server.uri("d0/f0.txt")).payload == b"lost event"
     assert obs.wait_for(lambda m: m.payload == b"lost event") is not None
     obs.cancel()
@@ -154,7 +146,7 @@ def test_watches_go_with_their_last_observer(client, inprocess, tree):
         (tree / "d3" / "f1.txt").write_text(f"wake up {time.monotonic()}")
         time.sleep(0.3)
     assert server.watched() == {}
-    assert server.inspect(lambda: len(server.site._observations)) == 0
+    assert server.stats()["observers"] == 0
 
 
 def test_path_index_finds_subtrees():
@@ -275,12 +267,8 @@ def test_new_way_of_watching_keeps_observers_informed(client, inprocess, tree):
     """A reload that changes [cache] restarts watching at once: no change goes unnotified."""
     server = inprocess()
     obs = Observer(client, server.uri("d2/f1.txt"))
-    server.inspect(
-        lambda: server.site.tune(
-            cache=CacheSettings(mode="poll", poll_interval=0.2), observe=ObserveSettings()
-        )
-    )
-    assert server.inspect(lambda: server.site.cache_mode) == "poll"
+    server.reconfigure(mode="poll", poll_interval=0.2)
+    assert server.stats()["mode"] == "poll"
     (tree / "d2" / "f1.txt").write_text("after the reload")
     assert obs.wait_for(lambda m: m.payload == b"after the reload") is not None
     obs.cancel()

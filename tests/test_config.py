@@ -17,10 +17,10 @@ from coapfs.config import (
     Loader,
     ObserveConfig,
     check_command_line,
-    check_environment,
     dropin_dir,
-    iter_keys,
 )
+from coapfs.config.schema import iter_keys
+from coapfs.daemon.preflight import check_environment
 
 REPO = Path(__file__).resolve().parent.parent
 

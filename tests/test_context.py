@@ -7,15 +7,16 @@ import argparse
 import aiocoap
 from aiocoap.numbers import codes
 
-from coapfs import context
-from coapfs.resource import FileServer
+from coapfs.config import Config
+from coapfs.daemon import context
+from coapfs.protocol.resource import FileService
 
 from conftest import free_udp_port, get
 
 
 def test_context_renders_with_the_cheap_task_name(client, tmp_path):
     (tmp_path / "f.txt").write_text("via the tuned context")
-    site = FileServer(tmp_path)
+    site = FileService(Config(root=tmp_path).service)
     port = free_udp_port()
     ns = argparse.Namespace(
         bind=("127.0.0.1", port), credentials=None, tls_server_certificate=None,

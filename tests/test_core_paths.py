@@ -13,7 +13,7 @@ import aiocoap
 import pytest
 from aiocoap.numbers import codes
 
-from coapfs.resolve import Root
+from coapfs.tree.root import Root
 
 from conftest import IN_CI, get
 

@@ -11,6 +11,8 @@ import aiocoap
 import pytest
 from aiocoap.numbers import codes
 
+from coapfs.tree.hidden import SPOOL_PREFIX
+
 from conftest import get
 
 
@@ -36,7 +38,7 @@ def delete(client, uri: str, **options) -> aiocoap.Message:
 
 
 def no_spool_files(root: Path) -> bool:
-    return not [p for p in root.rglob("*") if p.name.startswith(".coapfs-upload-")]
+    return not [p for p in root.rglob("*") if p.name.startswith(SPOOL_PREFIX)]
 
 
 def test_put_creates_with_2_01_and_etag(client, server, root):
@@ -145,7 +147,7 @@ def test_read_only_server_answers_4_05(client, start_server, root):
 
 def test_put_to_a_hidden_name_is_refused(client, server, root):
     assert put(client, server.uri(".hidden"), b"x").code == codes.NOT_FOUND
-    assert put(client, server.uri(".coapfs-upload-x"), b"x").code == codes.NOT_FOUND
+    assert put(client, server.uri(SPOOL_PREFIX + "x"), b"x").code == codes.NOT_FOUND
     assert not (root / ".hidden").exists()
 
 

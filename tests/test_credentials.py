@@ -1,4 +1,4 @@
-"""OSCORE without lakers (coapfs.credentials): real aiocoap, real OSCORE on loopback.
+"""OSCORE without lakers (coapfs.daemon.credentials): real aiocoap, real OSCORE on loopback.
 
 The lakers-less cases run in a subprocess whose import system refuses `lakers`, exactly as on a
 stock Debian 13 where lakers-python is not packaged; the in-process cases use whatever is installed.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from coapfs.credentials import CredentialsError, lakers_available, prepare_credentials
+from coapfs.daemon.credentials import CredentialsError, lakers_available, prepare_credentials
 
 IN_CI = os.environ.get("CI") == "true"
 REPO = Path(__file__).resolve().parent.parent
@@ -86,7 +86,7 @@ except ModuleNotFoundError as e:
 else:
     sys.exit("aiocoap.transports.oscore imported although lakers is refused")
 
-from coapfs.credentials import EdhocUnavailableError, lakers_available, prepare_credentials
+from coapfs.daemon.credentials import EdhocUnavailableError, lakers_available, prepare_credentials
 
 tmp, port = Path(sys.argv[1]), int(sys.argv[2])
 prepare_credentials(tmp / "server.json")
@@ -97,7 +97,8 @@ import aiocoap.oscore_sitewrapper  # noqa: F401
 import aiocoap.transports.oscore  # noqa: F401
 import lakers
 from aiocoap.cli.common import server_context_from_arguments
-from coapfs.resource import FileServer
+from coapfs.config import Config
+from coapfs.protocol.resource import FileService
 
 try:
     lakers.EdhocResponder
@@ -119,7 +120,7 @@ async def main():
         tls_server_key=None,
         credentials=tmp / "server.json",
     )
-    site = FileServer(tmp / "root")
+    site = FileService(Config(root=tmp / "root").service)
     server = await server_context_from_arguments(site, ns)
     base = f"coap://127.0.0.1:{port}"
     try:
@@ -174,7 +175,7 @@ def test_oscore_get_works_without_lakers(tmp_path: Path) -> None:
 
 EDHOC_CHECK = """
 from pathlib import Path
-from coapfs.credentials import CredentialsError, prepare_credentials
+from coapfs.daemon.credentials import CredentialsError, prepare_credentials
 
 try:
     prepare_credentials(Path(sys.argv[1]))

@@ -36,7 +36,7 @@ MAX_EXPOSURE = 1.5
 CLIENT = """
 import asyncio, json, sys
 import aiocoap
-from coapfs.credentials import prepare_credentials
+from coapfs.daemon.credentials import prepare_credentials
 
 prepare_credentials(None)  # aiocoap's OSCORE transport imports lakers, which Debian lacks
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import aiocoap
 import pytest
 
+from coapfs.tree.hidden import SPOOL_PREFIX
+
 from conftest import IN_CI, Client, Server
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
@@ -31,7 +33,7 @@ CON, ACK = 0, 2
 IF_MATCH, URI_HOST, ETAG, IF_NONE_MATCH, OBSERVE, URI_PORT = 1, 3, 4, 5, 6, 7
 OSCORE, URI_PATH, CONTENT_FORMAT, URI_QUERY, ACCEPT = 9, 11, 12, 15, 17
 BLOCK2, BLOCK1, SIZE2, PROXY_URI, PROXY_SCHEME, SIZE1 = 23, 27, 28, 35, 39, 60
-SPOOL_PREFIX = ".coapfs-upload-"
+
 
 Options = Sequence[tuple[int, bytes]]
 
@@ -466,8 +468,8 @@ def test_uri_path_that_is_not_utf8_is_4_00_wherever_it_gets_through() -> None:
     """aiocoap (0.4.14-0.4.17) drops such a datagram while decoding it, logging a traceback
     (chrysn/aiocoap#176, #417); should it pass the bytes on as surrogates instead, the path is
     still refused rather than opened by its raw bytes."""
-    from coapfs.errors import BadPath
-    from coapfs.resolve import parse_uri_path
+    from coapfs.tree.path import parse_uri_path
+    from coapfs.tree.problems import BadPath
 
     for segment in (b"\xff\xfe", b"caf\xc3", b"\xc0\x80"):
         with pytest.raises(BadPath):

@@ -286,7 +286,7 @@ def test_reload_applies_good_and_keeps_running_on_bad(
     assert lines and all(line.startswith(("<", " ")) for line in lines), lines
     errors = [line for line in lines if line.startswith("<3>")]
     assert len(errors) == 2 and all("Reload failed" in line for line in errors), lines
-    assert any(line.startswith("<6>coapfs.supervisor: Ready") for line in lines), lines
+    assert any(line.startswith("<6>coapfs.daemon.supervisor: Ready") for line in lines), lines
 
 
 def run(args: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from coapfs.config import CacheConfig
 from coapfs.watch import Watcher, filesystem_type, inotify_sees_all_changes
 
 WAIT = 5.0
@@ -71,7 +72,7 @@ def run(root: Path, scenario: Scenario, **options: object) -> tuple[Watcher, Rec
 
     async def main() -> tuple[Watcher, Recorder]:
         recorder = Recorder()
-        watcher = Watcher(root, recorder.change, recorder.reset, **options)
+        watcher = Watcher(root, recorder.change, recorder.reset, CacheConfig(**options))
         watcher.start()
         try:
             await asyncio.wait_for(scenario(watcher, recorder), 60)
@@ -308,8 +309,9 @@ def test_promotion_reports_changes_made_since_the_last_poll(tmp_path: Path) -> N
 
 def kernel_watches(watcher: Watcher) -> list[str]:
     """The inotify watches the kernel holds for the watcher, from /proc/self/fdinfo."""
-    assert watcher._watch_manager is not None
-    info = Path(f"/proc/self/fdinfo/{watcher._watch_manager.get_fd()}").read_text()
+    fd = watcher.inotify_fileno()
+    assert fd is not None
+    info = Path(f"/proc/self/fdinfo/{fd}").read_text()
     return [line for line in info.splitlines() if line.startswith("inotify wd:")]
 
 
@@ -512,7 +514,9 @@ def test_bad_paths_are_refused(tmp_path: Path) -> None:
 def test_no_reports_after_close(tmp_path: Path, mode: str) -> None:
     async def main() -> None:
         recorder = Recorder()
-        watcher = Watcher(tmp_path, recorder.change, recorder.reset, **options_for(mode))
+        watcher = Watcher(
+            tmp_path, recorder.change, recorder.reset, CacheConfig(**options_for(mode))
+        )
         watcher.start()
         watcher.watch_directory(tmp_path)
         (tmp_path / "f").write_text("x")

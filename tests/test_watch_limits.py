@@ -68,6 +68,7 @@ def test_watch_limit_with_nothing_to_give_up_switches_to_poll_mode(tmp_path: Pat
 
 
 async def _scenario(name: str, root: Path) -> dict[str, object]:
+    from coapfs.config import CacheConfig
     from coapfs.watch import Watcher, filesystem_type
 
     reports: list[list[str]] = []
@@ -86,7 +87,9 @@ async def _scenario(name: str, root: Path) -> dict[str, object]:
                 arrived.clear()
                 await arrived.wait()
 
-    watcher = Watcher(root, report("change"), report("reset"), mode="auto", poll_interval=0.1)
+    watcher = Watcher(
+        root, report("change"), report("reset"), CacheConfig(mode="auto", poll_interval=0.1)
+    )
     watcher.start()
     try:
         if name == "evict":

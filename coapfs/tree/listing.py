@@ -8,7 +8,7 @@ import stat
 from collections.abc import Callable, Iterable, Sequence
 from urllib.parse import quote
 
-from .access import is_hidden
+from .hidden import is_hidden
 
 
 def encode_href(segments: Sequence[str], *, directory: bool) -> str:
@@ -30,7 +30,7 @@ def render_listing(
 
 
 def read_entries(
-    dirfd: int, resolve_link: Callable[[str], os.stat_result | None], *, show_hidden: bool
+    dirfd: int, resolve_link: Callable[[str], os.stat_result | None]
 ) -> list[tuple[str, bool]]:
     """The servable entries of an open directory: regular files and directories, symlinks only
     where `resolve_link` (which resolves them beneath the root) finds one of those; hidden
@@ -39,7 +39,7 @@ def read_entries(
     with os.scandir(dirfd) as it:
         for entry in it:
             name = entry.name
-            if is_hidden(name, show_hidden=show_hidden):
+            if is_hidden(name):
                 continue
             try:
                 name.encode("utf-8")

@@ -1,15 +1,12 @@
 """Entity tags derived from stat, not content: cheap, and new whenever the file is replaced or
-modified (inode, size, mtime and ctime all feed in)."""
+modified (inode, size, mtime and ctime all feed in; `watch.signature` says which parts)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 
-
-def stat_signature(st: os.stat_result) -> tuple[int, int, int, int, int]:
-    """The parts of a stat that change whenever the content may have (atime excluded)."""
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+from ..watch.signature import stat_signature
 
 
 def stat_digest(st: os.stat_result) -> bytes:

@@ -1,4 +1,4 @@
-"""Turn a request's Uri-Path into a descriptor strictly beneath the served root.
+"""Open what a request path names, strictly beneath the served root.
 
 Two mechanisms, chosen once per process:
 
@@ -15,71 +15,17 @@ first, so a FIFO swapped in between can neither block the event loop nor be serv
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import stat
 from collections.abc import Sequence
-from typing import NamedTuple
+from pathlib import Path
 
-from . import errors
-
-_SYS_OPENAT2 = 437  # the same number on every Linux architecture
-_RESOLVE_NO_MAGICLINKS = 0x02
-_RESOLVE_BENEATH = 0x08
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class Target(NamedTuple):
-    """A validated request path: its segments below the root, and whether it named a directory
-    (trailing slash, or the root itself)."""
-
-    segments: tuple[str, ...]
-    is_dir_request: bool
-
-
-def parse_uri_path(uri_path: Sequence[str]) -> Target:
-    """Validate the Uri-Path options; raise a 4.00 for anything that is not a plain name."""
-    segments = tuple(uri_path)
-    is_dir = not segments or segments[-1] == ""
-    if segments and segments[-1] == "":
-        segments = segments[:-1]
-    for s in segments:
-        if s == "":
-            raise errors.BadPath("Empty path segment (double slash)")
-        if s in (".", ".."):
-            raise errors.BadPath("Path segments '.' and '..' are not allowed")
-        if "/" in s or "\0" in s:
-            raise errors.BadPath("Path segment contains '/' or NUL")
-        if not s.isascii():
-            try:
-                s.encode("utf-8")
-            except UnicodeEncodeError:  # undecodable bytes kept as surrogates (surrogateescape)
-                raise errors.BadPath("Path segment is not valid UTF-8") from None
-    return Target(segments, is_dir)
+from ..syscalls import RESOLVE_BENEATH, RESOLVE_NO_MAGICLINKS, openat2
 
 
 def _openat2(dirfd: int, path: str, flags: int) -> int:
-    how = _OpenHow(flags | os.O_CLOEXEC, 0, _RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS)
-    while True:
-        fd = _libc.syscall(
-            _SYS_OPENAT2,
-            ctypes.c_int(dirfd),
-            os.fsencode(path),
-            ctypes.byref(how),
-            ctypes.c_size_t(ctypes.sizeof(how)),
-        )
-        if fd >= 0:
-            return fd
-        err = ctypes.get_errno()
-        if err not in (errno.EINTR, errno.EAGAIN):
-            raise OSError(err, os.strerror(err), path)
+    return openat2(dirfd, path, flags | os.O_CLOEXEC, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)
 
 
 def _probe_openat2() -> bool:
@@ -97,7 +43,8 @@ class Root:
     """An open directory that requests are resolved beneath."""
 
     def __init__(self, path: str | os.PathLike[str], *, use_openat2: bool | None = None) -> None:
-        self.path = os.fspath(path)
+        #: Absolute, without `.` or `..`: the form change reports beneath it are made in.
+        self.path = Path(os.path.abspath(path))
         self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.use_openat2 = _HAS_OPENAT2 if use_openat2 is None else use_openat2
 

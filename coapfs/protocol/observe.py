@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from .pathindex import Key, PathIndex
+from ..tree.path import Key
+from ..tree.pathindex import PathIndex
 
 #: How long after a change its notification waits for the rest of the same write.
 SETTLE = 0.005
@@ -43,7 +44,7 @@ class Observations:
             if handle is not None:
                 handle.cancel()
 
-    def changed(self, key: Key, *, subtree: bool = False) -> None:
+    def changed(self, key: Key, subtree: bool = False) -> None:
         """Something at `key` (or with `subtree`, at or beneath it) changed on disk."""
         for k in self._by_key.at_or_beneath(key) if subtree else [key]:
             if k not in self._by_key or k in self._scheduled:

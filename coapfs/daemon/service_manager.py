@@ -41,11 +41,11 @@ def watchdog_interval() -> float | None:
     return value / 2e6 if value > 0 else None
 
 
-class Notifier:
-    """The sd_notify states the supervisor sends; each method is one state change."""
+class ServiceManager:
+    """What the supervisor tells systemd (sd_notify states); each method is one state change."""
 
     def __init__(self) -> None:
-        # The socket is connected here: create the Notifier after any daemon fork.
+        # The socket is connected here: create it after any daemon fork.
         self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
         self._systemd = sdnotify.SystemdNotifier() if self.enabled else None
         self._status: str | None = None

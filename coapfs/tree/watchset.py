@@ -7,9 +7,9 @@ import asyncio
 import logging
 from pathlib import Path
 
-from .pathindex import Key
-from .resolve import Root
-from .watch import Watcher
+from ..watch import Watcher
+from .path import Key
+from .root import Root
 
 log = logging.getLogger("coapfs")
 
@@ -17,19 +17,10 @@ log = logging.getLogger("coapfs")
 IDLE_UNWATCH = 1.0
 
 
-def directories_of(key: Key, *, is_dir: bool) -> list[Key]:
-    """Every directory whose change can affect `key`: its ancestors, and itself if a directory."""
-    dirs = [key[:i] for i in range(len(key))]
-    if is_dir:
-        dirs.append(key)
-    return dirs
-
-
 class WatchSet:
-    def __init__(self, root: Root, root_path: Path, watcher: Watcher) -> None:
+    def __init__(self, root: Root, watcher: Watcher) -> None:
         self._root = root
-        self._root_path = root_path
-        self.watcher = watcher
+        self._watcher = watcher
         self._holders: dict[Key, int] = {}
         self._identity: dict[Key, tuple[int, int] | None] = {}
 
@@ -39,7 +30,7 @@ class WatchSet:
         trusted = True
         for key in dirs:
             try:
-                trusted = self.watcher.watch_directory(self._path(key)) and trusted
+                trusted = self._watcher.watch_directory(self._path(key)) and trusted
             except (OSError, ValueError) as e:
                 log.debug("Cannot watch %s: %s", self._path(key), e)
                 trusted = False
@@ -67,7 +58,7 @@ class WatchSet:
 
     def _unwatch_if_idle(self, key: Key) -> None:
         if key not in self._holders:
-            self.watcher.unwatch_directory(self._path(key))
+            self._watcher.unwatch_directory(self._path(key))
 
     def replaced(self, key: Key) -> bool:
         """Whether the held directory at `key` is no longer the one first watched there (renamed,
@@ -89,9 +80,9 @@ class WatchSet:
                 continue
             self._identity[held] = now
             path = self._path(held)
-            self.watcher.unwatch_directory(path)
+            self._watcher.unwatch_directory(path)
             try:
-                self.watcher.watch_directory(path)
+                self._watcher.watch_directory(path)
             except (OSError, ValueError) as e:
                 log.debug("Cannot watch %s again: %s", path, e)
 
@@ -103,4 +94,4 @@ class WatchSet:
         return (st.st_dev, st.st_ino)
 
     def _path(self, key: Key) -> Path:
-        return self._root_path.joinpath(*key)
+        return self._root.path.joinpath(*key)

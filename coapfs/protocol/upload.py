@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -15,12 +14,6 @@ from . import errors
 #: Options that differ between the blocks of one upload; everything else (Request-Tag
 #: included) must be the same in all of them (RFC 7959 2.4, RFC 9175 3).
 _PER_BLOCK_OPTIONS = (OptionNumber.BLOCK1, OptionNumber.BLOCK2, OptionNumber.OBSERVE)
-
-
-def space_left(fd: int) -> int:
-    """Bytes an unprivileged writer may still use on the file system holding `fd`."""
-    st = os.fstatvfs(fd)
-    return st.f_bavail * st.f_frsize
 
 
 @dataclass
@@ -42,6 +35,9 @@ class Uploads:
         self._expiry = expiry
         self._pending: dict[Hashable, _Upload] = {}  # least recently fed first
         self._held = 0
+
+    def __len__(self) -> int:
+        return len(self._pending)
 
     def feed(self, request: aiocoap.Message, *, space: int) -> bytes | None:
         """The whole payload once the last block is in; None while more blocks are to come."""

@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from typing import Generic, TypeVar
 
-Key = tuple[str, ...]
+from .path import Key
+
 V = TypeVar("V")
 
 

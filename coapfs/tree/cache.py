@@ -1,5 +1,5 @@
 """Listings and file state kept in memory, bounded by a byte budget, least recently used first
-out. Only entries whose directories inotify watches are put here (the resource sees to that),
+out. Only entries whose directories inotify watches are put here (the served tree sees to that),
 so an entry stays valid until a change report drops it."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .etag import stat_digest
-from .pathindex import Key, PathIndex
+from .path import Key
+from .pathindex import PathIndex
 
 #: Files up to this size are kept whole; larger ones keep only their stat.
 SMALL_FILE_BYTES = 64 * 1024
@@ -67,9 +68,6 @@ class Cache:
             if entry is not None:
                 self.bytes_used -= entry.cost
                 self._on_drop(k, entry)
-
-    def clear(self) -> None:
-        self.drop((), subtree=True)
 
     def resize(self, byte_budget: int) -> None:
         self.byte_budget = byte_budget

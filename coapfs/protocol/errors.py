@@ -1,5 +1,6 @@
 """The client-facing errors: every request problem becomes a 4.xx (or a named 5.03) with a short
-diagnostic payload, so that nothing a client sends can end in a 5.00 or a traceback."""
+diagnostic payload, so that nothing a client sends can end in a 5.00 or a traceback. The tree's
+problems (`tree.problems`) and OS errors get their response codes here."""
 
 from __future__ import annotations
 
@@ -9,19 +10,23 @@ import logging
 import aiocoap.error
 from aiocoap.numbers import codes
 
+from ..tree import problems
+
 log = logging.getLogger("coapfs")
 
 
 class BadPath(aiocoap.error.BadRequest):
     """The Uri-Path is malformed (empty segment, `.`, `..`, `/` or NUL in a segment)."""
 
+    message = "Malformed path"
+
 
 class NotADirectory(aiocoap.error.BadRequest):
-    message = "Not a directory (strip the trailing slash)"
+    message = problems.NotADirectory.message
 
 
 class NotAFile(aiocoap.error.BadRequest):
-    message = "Not a file (add a trailing slash)"
+    message = problems.NotAFile.message
 
 
 class NotFound(aiocoap.error.NotFound):
@@ -108,6 +113,24 @@ _BY_ERRNO: dict[int, tuple[type[aiocoap.error.ConstructionRenderableError], str]
     errno.EBUSY: (aiocoap.error.Conflict, "Resource busy"),
     errno.ETXTBSY: (aiocoap.error.Conflict, "File busy"),
 }
+
+
+_BY_PROBLEM: dict[type[problems.Problem], type[aiocoap.error.ConstructionRenderableError]] = {
+    problems.BadPath: BadPath,
+    problems.NotFound: NotFound,
+    problems.NotAFile: NotAFile,
+    problems.NotADirectory: NotADirectory,
+    problems.Forbidden: Forbidden,
+}
+
+
+def from_problem(e: problems.Problem) -> aiocoap.error.ConstructionRenderableError:
+    """The response for something the tree refused, with its diagnostic."""
+    for cls in type(e).__mro__:
+        renderable = _BY_PROBLEM.get(cls)
+        if renderable is not None:
+            return renderable(str(e))
+    return BadPath(str(e))
 
 
 def from_oserror(e: OSError) -> aiocoap.error.ConstructionRenderableError:

@@ -1,0 +1,42 @@
+"""What --check-config verifies beyond the schema, and what start-up and every reload verify
+before binding anything: the paths the configuration names must be usable."""
+
+from __future__ import annotations
+
+import os
+
+from ..config import ConfigError, Loaded
+from .credentials import CredentialsError, prepare_credentials
+
+
+def root_error(loaded: Loaded, error: OSError) -> ConfigError:
+    """A root that cannot be opened is a configuration problem: say where it was set."""
+    return loaded.error("root", "a readable directory", error.strerror or str(error))
+
+
+def check_environment(loaded: Loaded) -> None:
+    """The root is a readable directory, the credentials usable, the TLS files readable."""
+    config = loaded.config
+    try:
+        with os.scandir(config.root):
+            pass
+    except OSError as e:
+        raise root_error(loaded, e) from None
+    check_credentials(loaded)
+    for name in ("tls_server_certificate", "tls_server_key"):
+        p = getattr(config, name)
+        if p is not None and not os.access(p, os.R_OK):
+            problem = "no such file" if not p.exists() else "not readable"
+            raise loaded.error(name, "a readable file", problem)
+
+
+def check_credentials(loaded: Loaded) -> None:
+    """Make aiocoap's OSCORE importable (also without lakers) and check the credentials file.
+
+    The one place coapfs.daemon.credentials is called: before any server context is created (at
+    start and on every reload, via check_environment) and by --check-config.
+    """
+    try:
+        prepare_credentials(loaded.config.credentials)
+    except CredentialsError as e:
+        raise loaded.error("credentials", "a usable file", e.problem) from None
