@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bind", help=BIND_HELP, action="append", default=None)
     p.add_argument(
+        "--access-log",
+        help="log one line per request (peer, method, path, code, bytes, duration)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+    )
+    p.add_argument(
         "--credentials",
         help="JSON file pointing to credentials for the server's identity/ies",
         metavar="FILE",
@@ -106,6 +112,7 @@ def command_line_values(opts: argparse.Namespace) -> dict[str, Any]:
         "tls_server_certificate": opts.tls_server_certificate,
         "tls_server_key": opts.tls_server_key,
         "verbosity": min(opts.verbosity, 3) if opts.verbosity is not None else None,
+        "access_log": opts.access_log,
     }
     return {k: v for k, v in given.items() if v is not None}
 

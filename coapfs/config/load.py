@@ -4,6 +4,11 @@ Sources, later winning key by key: built-in defaults, the main file (default
 /etc/coap-fileserver.toml, absent = defaults; `--config FILE` must exist), the drop-ins
 `<file stem>.d/*.toml` next to it in lexical order (so /etc/coap-fileserver.d/ for the
 default, and `FILE`'s sibling `<stem>.d/` for `--config`), then the command line.
+
+A relative path means the same whoever reads the configuration: in a file it is taken against
+that file's directory, on the command line (and for the built-in default root ".") against
+the working directory at start-up. So `--check-config` run from any directory checks what the
+service will serve.
 """
 
 from __future__ import annotations
@@ -107,7 +112,20 @@ def read_file(file: Path) -> Values:
         raise ConfigError(file, f"not valid TOML: {e}") from None
     except OSError as e:
         raise ConfigError(file, f"cannot read: {e.strerror}") from None
-    return _check(Config, raw, file)
+    return _anchored(_check(Config, raw, file), file.absolute().parent)
+
+
+def _anchored(values: Values, base: Path) -> Values:
+    """`values` with every relative path taken against `base`."""
+    out: Values = {}
+    for name, value in values.items():
+        if isinstance(value, dict):
+            out[name] = _anchored(value, base)
+        elif isinstance(value, Path):
+            out[name] = Path(os.path.normpath(base / value))
+        else:
+            out[name] = value
+    return out
 
 
 def dropin_dir(config_file: Path) -> Path:
@@ -169,8 +187,9 @@ class Loaded:
 class Loader:
     """Knows where the configuration comes from, so a reload reads the same sources again.
 
-    `overrides` are the command-line values (validated, keyed like the files); relative
-    paths are taken against `cwd`, recorded at start-up (a daemon later runs in /).
+    `overrides` are the command-line values (validated, keyed like the files); their relative
+    paths, and the default root, are taken against `cwd`, recorded at start-up (a daemon later
+    runs in /).
     """
 
     config_file: Path | None = None

@@ -184,7 +184,7 @@ class ObserveConfig:
 class Config:
     """Everything the program is configured with; frozen, so a reload builds a new one."""
 
-    root: Path = key(Path("."), path, "directory to serve (relative: to the working directory)")
+    root: Path = key(Path("."), path, "directory to serve (relative: to this file's directory)")
     bind: tuple[Bind, ...] = key(
         (), bind_list, 'addresses to serve on, e.g. ["[::]:5683"]; [] = all addresses, port 5683'
     )
@@ -201,13 +201,18 @@ class Config:
     )
     tls_server_key: Path | None = key(None, optional_path, "TLS key (PEM) for that certificate")
     verbosity: int = key(0, integer(0, 3), "0 warnings, 1 info, 2 debug (+aiocoap info), 3 all")
+    access_log: bool = key(
+        False, boolean, "log one line per request: peer, method, path, code, bytes, duration"
+    )
     cache: CacheConfig = table(CacheConfig, "the in-memory file cache")
     observe: ObserveConfig = table(ObserveConfig, "CoAP Observe")
 
     @property
     def service(self) -> ServiceConfig:
         """What the file service is made of; a reload applies it only when this changed."""
-        return ServiceConfig(self.root, self.write, self.etag_length, self.cache, self.observe)
+        return ServiceConfig(
+            self.root, self.write, self.etag_length, self.access_log, self.cache, self.observe
+        )
 
 
 @dataclass(frozen=True)
@@ -217,6 +222,7 @@ class ServiceConfig:
     root: Path
     write: bool
     etag_length: int
+    access_log: bool
     cache: CacheConfig
     observe: ObserveConfig
 

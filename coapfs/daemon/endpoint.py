@@ -4,6 +4,7 @@ credentials and TLS files; a reload re-binds only the endpoints that changed."""
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import ssl
 from dataclasses import dataclass
@@ -13,7 +14,10 @@ from typing import Any
 import aiocoap
 
 from ..config import Bind, Config, ConfigError, Loaded
+from . import port
 from .context import server_context
+
+COAP_PORT = 5683
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,13 @@ class Endpoint:
 
     def __str__(self) -> str:
         return str(self.bind) if self.bind is not None else "all addresses"
+
+    @property
+    def port(self) -> int:
+        """The UDP port bound (aiocoap's default where none is given)."""
+        if self.bind is not None and self.bind.port is not None:
+            return self.bind.port
+        return COAP_PORT
 
     def namespace(self) -> argparse.Namespace:
         """The shape aiocoap's server_context_from_arguments expects (argparse output)."""
@@ -57,7 +68,12 @@ class Endpoint:
                 e.reason or str(e),
             ) from None
         except OSError as e:
-            raise StartupError(f"cannot bind {self}: {e.strerror or e}") from None
+            problem = e.strerror or str(e)
+            if e.errno == errno.EADDRINUSE:
+                held_by = port.holder(self.port)
+                if held_by is not None:
+                    problem += f" (held by {held_by})"
+            raise StartupError(f"cannot bind {self}: {problem}") from None
         except ConfigError:
             raise
         except Exception as e:

@@ -19,6 +19,7 @@ import daemon
 from daemon.pidfile import TimeoutPIDLockFile
 
 from ..config import ConfigError, Loaded, Loader
+from . import journal
 from .endpoint import StartupError
 from .supervisor import Supervisor
 
@@ -30,7 +31,8 @@ PROG = "coap-fileserver"
 
 
 def fail(message: str, status: int) -> int:
-    print(f"{PROG}: {message}", file=sys.stderr)
+    """Say why the program cannot run, in one line (at err priority for the journal)."""
+    print(journal.fatal_line(f"{PROG}: {message}"), file=sys.stderr)
     return status
 
 

@@ -14,6 +14,7 @@ import signal
 from collections.abc import Callable
 
 import aiocoap
+from aiocoap.numbers.codes import Code
 from aiocoap.resourcedirectory.client.register import Registerer
 
 from ..config import Config, ConfigError, Loaded, Loader
@@ -34,6 +35,9 @@ DEREGISTER_TIMEOUT = 3.0
 STATUS_INTERVAL = 5.0
 #: Registration lifetime, as aiocoap-fileserver.
 REGISTER_LIFETIME = 60
+#: The drop-in that lets the packaged service write its root, and where it goes.
+WRITE_DROPIN = "/usr/share/doc/coap-fileserver/examples/write.conf"
+UNIT_DROPIN_DIR = "/etc/systemd/system/coap-fileserver.service.d"
 
 
 class Supervisor:
@@ -107,6 +111,27 @@ class Supervisor:
             self._contexts[endpoint] = await endpoint.bind_to(self.gate, self.loaded)
         self.service.start()
         self._register(self.config)
+        self._warn_if_unwritable()
+
+    def _warn_if_unwritable(self) -> None:
+        """`write = true` on a root this process cannot write: every PUT would get 4.03."""
+        if not self.config.write:
+            return
+        reason = self.service.tree.unwritable_reason()
+        if reason is None:
+            return
+        root = self.config.root
+        log.warning(
+            "write = true, but %s cannot be written: %s; PUT and DELETE will be refused. "
+            "Under systemd, install the drop-in that opens it (cp %s %s/) and give the service "
+            "the directory (chown coap-fileserver:coap-fileserver %s), then "
+            "systemctl daemon-reload && systemctl restart coap-fileserver",
+            root,
+            reason,
+            WRITE_DROPIN,
+            UNIT_DROPIN_DIR,
+            root,
+        )
 
     def _register(self, config: Config) -> None:
         if config.register is False or not self._contexts:
@@ -225,6 +250,8 @@ class Supervisor:
             self._register(new)
         journal.set_verbosity(new.verbosity)
         self.loaded = loaded
+        if new.write and (new.write, new.root) != (old.write, old.root):
+            self._warn_if_unwritable()
 
     async def _rebind(self, wanted: list[Endpoint], loaded: Loaded) -> None:
         """Shut down contexts no longer wanted, bind new ones; on failure restore the old set."""
@@ -256,6 +283,15 @@ class Supervisor:
 
     # --- stop -------------------------------------------------------------------------------
 
+    async def _end_observations(self, deadline: float) -> None:
+        """Tell every observer the service is going (5.03), rather than leaving them waiting
+        for Max-Age; the notifications are given until `deadline` to go out."""
+        if not self.service.end_observations(Code.SERVICE_UNAVAILABLE, "Shutting down"):
+            return
+        loop = asyncio.get_running_loop()
+        while self.service.stats()["observers"] and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+
     async def _shutdown(self) -> None:
         """STOPPING=1, refuse new requests, let in-flight ones finish, deregister, unbind."""
         self.manager.stopping()
@@ -263,9 +299,11 @@ class Supervisor:
             log.info("Stopping")
         for task in self._tasks:
             task.cancel()
+        deadline = asyncio.get_running_loop().time() + STOP_GRACE
         cut = await self.gate.close(STOP_GRACE)
         if cut:
             log.warning("Stopped with %d exchange(s) still in flight", cut)
+        await self._end_observations(deadline)
         await self._deregister()
         contexts, self._contexts = list(self._contexts.values()), {}
         await asyncio.gather(*(c.shutdown() for c in contexts), return_exceptions=True)

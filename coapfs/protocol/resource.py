@@ -10,6 +10,7 @@ what the tree refuses, and every OS error on the way, is answered by `errors` â€
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,7 @@ from ..tree.path import Target, parse_uri_path
 from ..tree.root import Root
 from ..tree.served import ServedTree
 from ..tree.write import NameTaken, Place
-from . import errors
+from . import accesslog, errors
 from .blocks import block_response
 from .contentformat import guess_content_format
 from .observe import Observations
@@ -95,6 +96,12 @@ class FileService(Resource, ObservableResource):
         self.tree.close()
         self._observations.close()
 
+    def end_observations(self, code: aiocoap.numbers.Code, reason: str) -> int:
+        """End every observation with a final error notification (RFC 7641 4.2); how many."""
+        for observation in list(self._observers):
+            observation.trigger(aiocoap.Message(code=code, payload=reason.encode()), is_last=True)
+        return len(self._observers)
+
     def prepare(self, service: ServiceConfig) -> Prepared:
         """Open what `service` needs (OSError if its root cannot be opened), changing nothing."""
         return Prepared(service, self.tree.open_root(service.root))
@@ -120,6 +127,18 @@ class FileService(Resource, ObservableResource):
         return False
 
     async def render(self, request: aiocoap.Message) -> aiocoap.Message:
+        if not self.service.access_log:
+            return await self._render_counted(request)
+        started = time.perf_counter()
+        try:
+            response = await self._render_counted(request)
+        except aiocoap.error.RenderableError as e:
+            accesslog.log_request(request, e.to_message(), started)
+            raise
+        accesslog.log_request(request, response, started)
+        return response
+
+    async def _render_counted(self, request: aiocoap.Message) -> aiocoap.Message:
         self.counters.requests += 1
         try:
             check_options(request)
@@ -223,8 +242,10 @@ class FileService(Resource, ObservableResource):
             raise errors.PreconditionFailed("The file exists (If-None-Match)") from None
         finally:
             place.close()
-        code = codes.CREATED if place.existing is None else codes.CHANGED
-        response = aiocoap.Message(code=code, etag=etag_from_stat(st, self.service.etag_length))
+        created = place.existing is None
+        etag = etag_from_stat(st, self.service.etag_length)
+        accesslog.log_change(request, "created" if created else "replaced", st.st_size, etag)
+        response = aiocoap.Message(code=codes.CREATED if created else codes.CHANGED, etag=etag)
         response.opt.block1 = request.opt.block1
         return response
 
@@ -234,6 +255,7 @@ class FileService(Resource, ObservableResource):
             self.tree.delete(place)
         finally:
             place.close()
+        accesslog.log_change(request, "deleted", None, None)
         return aiocoap.Message(code=codes.DELETED)
 
     def _check_writable(self) -> None:

@@ -318,6 +318,10 @@ class ServedTree:
     def space_left(self) -> int:
         return write.space_left(self._root)
 
+    def unwritable_reason(self) -> str | None:
+        """Why this process could not write beneath the root (None: it can)."""
+        return write.unwritable_reason(self._root)
+
 
 def _read_whole(fd: int, size: int) -> bytes:
     chunks = []

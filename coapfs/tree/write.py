@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import secrets
 import stat
 from dataclasses import dataclass
@@ -105,6 +106,23 @@ def delete(place: Place) -> None:
     if place.existing is None:
         raise NotFound()
     os.unlink(place.name, dir_fd=place.parent)
+
+
+def unwritable_reason(root: Root) -> str | None:
+    """Why nothing could be created in the root by this process, or None: a read-only mount
+    (e.g. systemd's ProtectSystem=strict without ReadWritePaths=) or missing permission."""
+    if os.fstatvfs(root.fd).f_flag & os.ST_RDONLY:
+        return "it is on a read-only mount"
+    if not os.access(root.path, os.W_OK | os.X_OK):
+        return f"user {_user_name()} lacks write permission"
+    return None
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
 
 
 def space_left(root: Root) -> int:

@@ -1,0 +1,76 @@
+"""Who sent a request: the source address it came from, and the identities aiocoap
+authenticated for it (`authenticated_claims`: the credential labels of the --credentials file
+for OSCORE, EDHOC and DTLS-PSK peers). Access rules, the access log and the log of changes all
+speak of peers this way."""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+from aiocoap.util import hostportsplit
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    address: IPAddress | None  # None: a transport without an IP source address
+    port: int | None
+    claims: tuple[str, ...]
+
+    @property
+    def authenticated(self) -> bool:
+        return bool(self.claims)
+
+    def __str__(self) -> str:
+        where = _hostport(self.address, self.port)
+        return f"{' '.join(self.claims)}@{where}" if self.claims else where
+
+
+def _hostport(address: IPAddress | None, port: int | None) -> str:
+    if address is None:
+        return "unknown"
+    host = f"[{address}]" if address.version == 6 else str(address)
+    return f"{host}:{port}" if port is not None else host
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_ip(host: str) -> IPAddress | None:
+    """An address as the socket reports it (IPv4-mapped IPv6 becomes IPv4, a scope is dropped)."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _source(remote: Any) -> tuple[IPAddress | None, int | None]:
+    """The IP source of `remote`, through any security layer (OSCORE's underlying address)."""
+    for _ in range(4):
+        sockaddr = getattr(remote, "sockaddr", None)
+        if isinstance(sockaddr, tuple) and len(sockaddr) >= 2:
+            return _parse_ip(str(sockaddr[0])), int(sockaddr[1])
+        underlying = getattr(remote, "underlying_address", None)
+        if underlying is None:
+            break
+        remote = underlying
+    try:
+        host, port = hostportsplit(remote.hostinfo)
+    except Exception:
+        return None, None
+    return _parse_ip(host), port
+
+
+def peer_of(remote: Any) -> Peer:
+    """The peer a request came from."""
+    address, port = _source(remote)
+    try:
+        claims = tuple(str(c) for c in remote.authenticated_claims)
+    except Exception:
+        claims = ()
+    return Peer(address, port, claims)
