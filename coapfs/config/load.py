@@ -79,7 +79,9 @@ def _check(cls: type, raw: Mapping[str, Any], source: str | Path, prefix: str = 
         try:
             out[name] = f.metadata["key"].parse(value)
         except Invalid as e:
-            raise ConfigError.bad_value(source, dotted, value, str(e)) from None
+            raise ConfigError.bad_value(
+                source, dotted + e.where, e.value_or(value), str(e)
+            ) from None
     return out
 
 

@@ -17,11 +17,24 @@ from typing import Any
 
 from aiocoap.util import hostportsplit
 
+from ..access.rules import AccessRule, BadRule, parse_rules
+
 MiB = 1024 * 1024
 
 
+_WHOLE = object()
+
+
 class Invalid(ValueError):
-    """Raised by a key parser; the message says what was expected."""
+    """Raised by a key parser; the message says what was expected. For a value made of parts
+    (an array of tables), `where` names the part (`[2].read`) and `value` its value."""
+
+    def __init__(self, expected: str, where: str = "", value: Any = _WHOLE) -> None:
+        super().__init__(expected)
+        self.where, self.value = where, value
+
+    def value_or(self, whole: Any) -> Any:
+        return whole if self.value is _WHOLE else self.value
 
 
 Parser = Callable[[Any], Any]
@@ -154,7 +167,37 @@ def register(v: Any) -> bool | str:
     return v
 
 
+def permission_bits(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0o777:
+        raise Invalid("permission bits like 0o644 (TOML octal), without setuid/setgid/sticky")
+    return v
+
+
+def access_rules(v: Any) -> tuple[AccessRule, ...]:
+    try:
+        return parse_rules(v)
+    except BadRule as e:
+        raise Invalid(str(e), e.where, e.value) from None
+
+
 # --- the schema ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UploadConfig:
+    """[upload]: limits on writes over CoAP, and the permissions of what they create."""
+
+    max_size: int = key(256 * MiB, integer(0), "largest upload in bytes (4.13 beyond, with Size1)")
+    max_concurrent: int = key(
+        32, integer(1), "block-wise uploads in progress at once (5.03 with Max-Age beyond)"
+    )
+    idle_timeout: float = key(
+        60.0, positive_number, "seconds without a block after which an upload is dropped"
+    )
+    file_mode: int = key(0o644, permission_bits, "mode of new files (under the umask), e.g. 0o640")
+    directory_mode: int = key(
+        0o755, permission_bits, "mode of directories made by PUT dir/ (under the umask)"
+    )
 
 
 @dataclass(frozen=True)
@@ -188,7 +231,9 @@ class Config:
     bind: tuple[Bind, ...] = key(
         (), bind_list, 'addresses to serve on, e.g. ["[::]:5683"]; [] = all addresses, port 5683'
     )
-    write: bool = key(False, boolean, "allow PUT and DELETE by any client")
+    write: bool = key(
+        False, boolean, "allow PUT and DELETE by any client where no [[access]] rule says who"
+    )
     etag_length: int = key(8, integer(0, 8), "ETag length in bytes, 0 disables ETags")
     register: bool | str = key(
         False, register, "register with a resource directory: false, true (discover) or its URI"
@@ -204,14 +249,25 @@ class Config:
     access_log: bool = key(
         False, boolean, "log one line per request: peer, method, path, code, bytes, duration"
     )
+    access: tuple[AccessRule, ...] = key(
+        (), access_rules, "who may read and write what: [[access]] tables with path, read, write"
+    )
     cache: CacheConfig = table(CacheConfig, "the in-memory file cache")
     observe: ObserveConfig = table(ObserveConfig, "CoAP Observe")
+    upload: UploadConfig = table(UploadConfig, "writes over CoAP")
 
     @property
     def service(self) -> ServiceConfig:
         """What the file service is made of; a reload applies it only when this changed."""
         return ServiceConfig(
-            self.root, self.write, self.etag_length, self.access_log, self.cache, self.observe
+            self.root,
+            self.write,
+            self.etag_length,
+            self.access_log,
+            self.access,
+            self.cache,
+            self.observe,
+            self.upload,
         )
 
 
@@ -223,8 +279,10 @@ class ServiceConfig:
     write: bool
     etag_length: int
     access_log: bool
+    access: tuple[AccessRule, ...]
     cache: CacheConfig
     observe: ObserveConfig
+    upload: UploadConfig
 
 
 def iter_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:

@@ -120,6 +120,14 @@ def _edhoc_entries(data: Any, label: str = "") -> Iterator[str]:
             yield from _edhoc_entries(item, label)
 
 
+def credential_labels(path: Path | None) -> set[str]:
+    """The labels (keys) of a credentials file: what access rules may name as ":label"."""
+    if path is None:
+        return set()
+    data = _read(path)
+    return {str(k) for k in data} if isinstance(data, dict) else set()
+
+
 def prepare_credentials(path: Path | None) -> None:
     """Make aiocoap's OSCORE importable and check that `path` needs nothing that is missing.
 

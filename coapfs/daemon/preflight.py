@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from ..config import ConfigError, Loaded
-from .credentials import CredentialsError, prepare_credentials
+from .credentials import CredentialsError, credential_labels, prepare_credentials
 
 
 def root_error(loaded: Loaded, error: OSError) -> ConfigError:
@@ -38,5 +38,26 @@ def check_credentials(loaded: Loaded) -> None:
     """
     try:
         prepare_credentials(loaded.config.credentials)
+        labels = credential_labels(loaded.config.credentials)
     except CredentialsError as e:
         raise loaded.error("credentials", "a usable file", e.problem) from None
+    check_rule_labels(loaded, labels)
+
+
+def check_rule_labels(loaded: Loaded, labels: set[str]) -> None:
+    """Every credential label an access rule names must be one of the credentials file."""
+    credentials = loaded.config.credentials
+    known = ", ".join(f'"{label}"' for label in sorted(labels)) or "none: no credentials file"
+    for i, rule in enumerate(loaded.config.access, start=1):
+        for permission in ("read", "write"):
+            for principal in getattr(rule, permission) or ():
+                if principal.kind == "label" and principal.text not in labels:
+                    raise ConfigError.bad_value(
+                        loaded.origin("access"),
+                        f"access[{i}].{permission}",
+                        principal.text,
+                        f"a label of the credentials file {credentials or ''} ({known})".replace(
+                            "  ", " "
+                        ),
+                        "unknown credential label",
+                    )

@@ -10,7 +10,7 @@ import time
 
 import aiocoap
 
-from .peer import Peer, peer_of
+from ..access.peer import Peer, peer_of
 
 #: The log record attribute that carries a record's journal fields (`extra={FIELDS: {...}}`).
 FIELDS = "journal_fields"

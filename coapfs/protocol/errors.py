@@ -41,6 +41,38 @@ class ReadOnly(aiocoap.error.MethodNotAllowed):
     message = "This server is read-only"
 
 
+class Unauthorized(aiocoap.error.Unauthorized):
+    """4.01: an authenticated peer could be granted this (RFC 7252 5.9.2.2)."""
+
+    message = "Authentication needed (OSCORE, EDHOC or DTLS)"
+
+
+class Refused(aiocoap.error.Forbidden):
+    """4.03 from the access rules: said the same whether or not the path exists."""
+
+    message = "Not allowed for you"
+
+
+class Conflict(aiocoap.error.Conflict):
+    message = problems.Conflict.message
+
+
+class Busy(aiocoap.error.ConstructionRenderableError):
+    """5.03 with Max-Age: a limit of the server is reached, retry after that many seconds."""
+
+    code = codes.SERVICE_UNAVAILABLE
+    message = "Busy, retry later"
+
+    def __init__(self, message: str | None = None, *, max_age: int) -> None:
+        super().__init__(message)
+        self.max_age = max_age
+
+    def to_message(self) -> aiocoap.Message:
+        response = super().to_message()
+        response.opt.max_age = self.max_age
+        return response
+
+
 class PreconditionFailed(aiocoap.error.PreconditionFailed):
     message = "Precondition failed"
 
@@ -121,6 +153,7 @@ _BY_PROBLEM: dict[type[problems.Problem], type[aiocoap.error.ConstructionRendera
     problems.NotAFile: NotAFile,
     problems.NotADirectory: NotADirectory,
     problems.Forbidden: Forbidden,
+    problems.Conflict: Conflict,
 }
 
 

@@ -2,15 +2,19 @@
 sockets, configuration and lifecycle).
 
 Every request flows one way: options checked (`options`) → Uri-Path parsed and checked
-(`tree.path`, `tree.hidden`) → the served tree (`tree.served`: cache or file system) → a
-response (`blocks`). The resource speaks CoAP only: options, preconditions, blocks and codes;
-what the tree refuses, and every OS error on the way, is answered by `errors` — the client's
-4.xx, or 5.03 for what only the server can mend — never a 5.00.
+(`tree.path`, `tree.hidden`) → who may do this, decided before anything is read or spooled
+(`access.rules`) → the served tree (`tree.served`: cache or file system) → a response
+(`blocks`). The resource speaks CoAP only: options, preconditions, blocks and codes; what the
+tree refuses, and every OS error on the way, is answered by `errors` — the client's 4.xx, or
+5.03 for what only the server can mend — never a 5.00.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,14 +24,18 @@ from aiocoap.interfaces import ObservableResource
 from aiocoap.numbers import ContentFormat, codes
 from aiocoap.resource import Resource
 
+from ..access.peer import Peer, peer_of
+from ..access.rules import Rules, Verdict
 from ..config.schema import ServiceConfig
 from ..tree import problems
-from ..tree.etag import etag_from_digest, etag_from_stat
+from ..tree.etag import derived_digest, etag_from_digest, etag_from_stat
 from ..tree.hidden import check_visible
-from ..tree.path import Target, parse_uri_path
+from ..tree.listing import render_listing
+from ..tree.path import Key, Target, parse_uri_path
 from ..tree.root import Root
 from ..tree.served import ServedTree
-from ..tree.write import NameTaken, Place
+from ..tree.spool import NameTaken, Spool
+from ..tree.write import NotEmpty, Place
 from . import accesslog, errors
 from .blocks import block_response
 from .contentformat import guess_content_format
@@ -35,9 +43,14 @@ from .observe import Observations
 from .options import check_accept, check_conditions, check_options
 from .upload import Uploads
 
+log = logging.getLogger(__name__)
+
 #: The link by which clients (and resource directories) find the file service.
 SERVICE_LINK = '</>;ct=40;rt="tag:chrysn@fsfe.org,2022:fileserver"'
 _WELL_KNOWN_CORE = (".well-known", "core")
+#: If-Match value that deletes a directory only if it is empty (RIOT's nanocoap fileserver,
+#: COAPFILESERVER_DIR_DELETE_ETAG, in network byte order).
+EMPTY_DIRECTORY_ETAG = bytes.fromhex("6ce88b56")
 
 
 @dataclass
@@ -62,18 +75,44 @@ class Prepared:
             self.root.close()
 
 
+@dataclass(frozen=True)
+class _Observed:
+    target: Target
+    peer: Peer
+    hold: int
+
+
+def _peer_once(request: aiocoap.Message) -> Callable[[], Peer]:
+    """The request's peer, worked out only if a rule needs it, and then once."""
+    found: list[Peer] = []
+
+    def peer() -> Peer:
+        if not found:
+            found.append(peer_of(request.remote))
+        return found[0]
+
+    return peer
+
+
+def _given(peer: Peer) -> Callable[[], Peer]:
+    return lambda: peer
+
+
 class FileService(Resource, ObservableResource):
-    """Serves the tree below `service.root`: listings, files, and (if `write`) PUT and DELETE;
-    observations of files and directories are notified when the tree reports them stale."""
+    """Serves the tree below `service.root`: listings, files, and where the access rules allow
+    writes, PUT and DELETE of files and directories; observations of files and directories are
+    notified when the tree reports them stale."""
 
     def __init__(self, service: ServiceConfig) -> None:
         super().__init__()
         self.service = service
+        self.rules = Rules(service.access, write_by_anyone=service.write)
         self.tree = ServedTree(service.root, service.cache)
         self._observations = Observations(service.observe.coalesce_ms / 1000)
         self.tree.on_stale = self._observations.changed
-        self._observers: dict[Any, Any] = {}  # serverobservation -> (key, hold token)
-        self._uploads = Uploads()
+        self._observers: dict[Any, _Observed] = {}  # aiocoap's ServerObservation -> what
+        self._uploads = Uploads(service.upload)
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.counters = Counters()
 
     def stats(self) -> dict[str, Any]:
@@ -91,8 +130,23 @@ class FileService(Resource, ObservableResource):
 
     def start(self) -> None:
         self.tree.start()
+        if self.rules.writable_somewhere:
+            self._spawn(self._sweep())
+
+    async def _sweep(self) -> None:
+        removed = await self.tree.sweep(older_than=self.service.upload.idle_timeout)
+        if removed:
+            log.info("Removed %d file(s) left behind by interrupted writes", removed)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._uploads.close()
         self.tree.close()
         self._observations.close()
 
@@ -107,12 +161,27 @@ class FileService(Resource, ObservableResource):
         return Prepared(service, self.tree.open_root(service.root))
 
     def apply(self, prepared: Prepared) -> None:
-        """Switch to a prepared configuration: root, write, ETags, [cache], [observe]."""
+        """Switch to a prepared configuration: root, access rules, ETags, [cache], [observe],
+        [upload]; observers whose access the new rules revoke get a final 4.01/4.03."""
+        old = self.service
         if prepared.root is not None:
             self.tree.switch_root(prepared.root)
-        self.service = prepared.service
-        self._observations.coalesce = prepared.service.observe.coalesce_ms / 1000
-        self.tree.tune(prepared.service.cache)
+        self.service = new = prepared.service
+        self._observations.coalesce = new.observe.coalesce_ms / 1000
+        self._uploads.settings = new.upload
+        self.tree.tune(new.cache)
+        if (new.access, new.write) != (old.access, old.write):
+            self.rules = Rules(new.access, write_by_anyone=new.write)
+            self._recheck_observers()
+
+    def _recheck_observers(self) -> None:
+        for observation, observed in list(self._observers.items()):
+            verdict = self.rules.decide("read", observed.target.segments, _given(observed.peer))
+            if verdict is not Verdict.ALLOWED:
+                refusal = _refusal(verdict).to_message()
+                observation.trigger(refusal, is_last=True)
+        # What every remaining observer may see of a listing may have changed too.
+        self._observations.changed((), True)
 
     # --- aiocoap's resource interface -------------------------------------------------------
 
@@ -122,8 +191,8 @@ class FileService(Resource, ObservableResource):
 
     async def needs_blockwise_assembly(self, request: aiocoap.Message) -> bool:
         # GETs pick out the requested block themselves (reading only that block, and answering
-        # any block cold); uploads are assembled by `Uploads`, which (unlike aiocoap's spool)
-        # answers every block that does not fit with a 4.xx.
+        # any block cold); uploads are spooled block by block by `Uploads`, which (unlike
+        # aiocoap's assembly) answers every block that does not fit with a 4.xx.
         return False
 
     async def render(self, request: aiocoap.Message) -> aiocoap.Message:
@@ -157,29 +226,46 @@ class FileService(Resource, ObservableResource):
     def _counted(
         self, e: aiocoap.error.ConstructionRenderableError
     ) -> aiocoap.error.ConstructionRenderableError:
-        if e.code.class_ == 5 and not isinstance(e, errors.NotAProxy):
+        if e.code.class_ == 5 and not isinstance(e, errors.NotAProxy | errors.Busy):
             self.counters.server_errors += 1
         else:
             self.counters.client_errors += 1
         return e
 
+    def _authorize(
+        self, permission: str, target: Target, request: aiocoap.Message, *, beneath: bool = False
+    ) -> None:
+        """Refuse before anything is read or spooled: 4.05 where nothing is writable at all,
+        4.01 where authenticating could help, 4.03 otherwise; the same whether or not the path
+        exists."""
+        if permission == "write" and not self.rules.writable_somewhere:
+            raise errors.ReadOnly()
+        decide = self.rules.decide_beneath if beneath else self.rules.decide
+        verdict = decide(permission, target.segments, _peer_once(request))
+        if verdict is not Verdict.ALLOWED:
+            raise _refusal(verdict)
+
     # --- Observe ----------------------------------------------------------------------------
 
     async def add_observation(self, request: aiocoap.Message, serverobservation: Any) -> None:
-        """Accept every observation of a GET of a valid path; the first rendering answers errors
-        (and an unsuccessful notification ends the observation, e.g. 4.04 after deletion).
+        """Accept every observation of a GET of a valid path the peer may read; the first
+        rendering answers errors (and an unsuccessful notification ends the observation, e.g.
+        4.04 after deletion).
 
         Anything else is answered once, without Observe: aiocoap needs every observation
         accepted (it calls the cancellation callback regardless), and a PUT or DELETE must never
         be rendered again as a notification (that would repeat the write on every change)."""
         target = self._observable_target(request)
-        if target is None:
+        peer = _peer_once(request)
+        if target is None or self.rules.decide("read", target.segments, peer) is not (
+            Verdict.ALLOWED
+        ):
             serverobservation.accept(lambda: None)
             serverobservation.deregister()
             return
-        token = self.tree.hold(target)
+        hold = self.tree.hold(target)
         self._observations.add(target.segments, serverobservation)
-        self._observers[serverobservation] = (target.segments, token)
+        self._observers[serverobservation] = _Observed(target, peer(), hold)
         serverobservation.accept(lambda: self._observation_ended(serverobservation))
 
     def _observable_target(self, request: aiocoap.Message) -> Target | None:
@@ -192,9 +278,9 @@ class FileService(Resource, ObservableResource):
             return None
 
     def _observation_ended(self, serverobservation: Any) -> None:
-        key, token = self._observers.pop(serverobservation)
-        self._observations.remove(key, serverobservation)
-        self.tree.release(token)
+        observed = self._observers.pop(serverobservation)
+        self._observations.remove(observed.target.segments, serverobservation)
+        self.tree.release(observed.hold)
 
     # --- GET --------------------------------------------------------------------------------
 
@@ -205,72 +291,103 @@ class FileService(Resource, ObservableResource):
                 payload=SERVICE_LINK.encode("ascii"), content_format=ContentFormat.LINKFORMAT
             )
         target = _target(request)
+        self._authorize("read", target, request)
         length = self.service.etag_length
         with self.tree.lookup(target) as found:
-            if found.entry.is_dir:
-                content_format = ContentFormat.LINKFORMAT
+            entry = found.entry
+            if entry.is_dir:
+                content_format: ContentFormat | None = ContentFormat.LINKFORMAT
+                digest, body = self._listing_for(request, target.segments, found)
             else:
-                content_format = guess_content_format(target.segments[-1])
+                stored = entry.content_format
+                content_format = (
+                    ContentFormat(stored)
+                    if stored is not None
+                    else guess_content_format(target.segments[-1])
+                )
+                digest, body = entry.digest, None
             check_accept(request, content_format)
-            etag = etag_from_digest(found.entry.digest, length)
+            etag = etag_from_digest(digest, length)
             check_conditions(request, etag, exists=True)
             if etag is not None and etag in request.opt.etags:
                 return aiocoap.Message(code=codes.VALID, etag=etag)
-            found.open()
-            etag = etag_from_digest(found.entry.digest, length)
-            response = block_response(request, found.size, found.read)
+            if body is not None:
+                whole = body
+                response = block_response(
+                    request, len(whole), lambda offset, size: whole[offset : offset + size]
+                )
+            else:
+                found.open()
+                etag = etag_from_digest(found.entry.digest, length)
+                response = block_response(request, found.size, found.read)
         if content_format is not None:
             response.opt.content_format = content_format
         response.opt.etag = etag
         return response
 
-    # --- PUT and DELETE ---------------------------------------------------------------------
+    def _listing_for(
+        self, request: aiocoap.Message, key: Key, found: Any
+    ) -> tuple[bytes, bytes | None]:
+        """A listing's digest and, where rules hide some entries from this peer, its own body
+        (None: the tree's, shown to everyone)."""
+        entry = found.entry
+        if self.rules.uniform_beneath(key):
+            return entry.digest, None
+        peer = _peer_once(request)
+        visible: list[tuple[str, bool]] = []
+        hidden: list[tuple[str, bool]] = []
+        for name, is_dir in entry.entries:
+            allowed = self.rules.decide("read", (*key, name), peer) is Verdict.ALLOWED
+            (visible if allowed else hidden).append((name, is_dir))
+        if not hidden:
+            return entry.digest, None
+        variant = "\0".join(name for name, _ in hidden).encode("utf-8", "surrogateescape")
+        return derived_digest(entry.digest, variant), render_listing(key, visible)
+
+    # --- PUT --------------------------------------------------------------------------------
 
     async def render_put(self, request: aiocoap.Message) -> aiocoap.Message:
-        self._check_writable()
-        _target(request)  # a bad path is refused at its first block, before any spooling
-        payload = self._uploads.feed(request, space=self.tree.space_left())
-        if payload is None:
-            return aiocoap.Message(code=codes.CONTINUE, block1=request.opt.block1)
-        place = self._place(
-            request, "PUT needs a file name (directories are not created over CoAP)"
+        target = _target(request)
+        self._authorize("write", target, request)
+        if target.is_dir_request:
+            return self._put_directory(request, target)
+        spool = self._uploads.feed(
+            request, lambda: self._open_spool(request, target), self.tree.space_left
         )
+        if spool is None:
+            return aiocoap.Message(code=codes.CONTINUE, block1=request.opt.block1)
+        length = self.service.etag_length
+
+        def check(existing: Any) -> None:
+            etag = None if existing is None else etag_from_stat(existing, length)
+            check_conditions(request, etag, exists=existing is not None)
+
+        stored = request.opt.content_format
         try:
-            no_replace = bool(request.opt.if_none_match)
-            st = await self.tree.replace(place, payload, no_replace=no_replace)
+            st, created = await self.tree.commit(
+                spool,
+                check,
+                create_only=bool(request.opt.if_none_match),
+                content_format=int(stored) if stored is not None else None,
+            )
         except NameTaken:
             raise errors.PreconditionFailed("The file exists (If-None-Match)") from None
-        finally:
-            place.close()
-        created = place.existing is None
-        etag = etag_from_stat(st, self.service.etag_length)
+        etag = etag_from_stat(st, length)
         accesslog.log_change(request, "created" if created else "replaced", st.st_size, etag)
         response = aiocoap.Message(code=codes.CREATED if created else codes.CHANGED, etag=etag)
         response.opt.block1 = request.opt.block1
         return response
 
-    async def render_delete(self, request: aiocoap.Message) -> aiocoap.Message:
-        place = self._place(request, "Directories are not deleted over CoAP")
-        try:
-            self.tree.delete(place)
-        finally:
-            place.close()
-        accesslog.log_change(request, "deleted", None, None)
-        return aiocoap.Message(code=codes.DELETED)
+    def _open_spool(self, request: aiocoap.Message, target: Target) -> Spool:
+        """The spool of a new upload, once the preconditions hold for what is there now (they
+        are checked again, under a lock, when it is committed)."""
+        place = self._checked_place(request, target)
+        return self.tree.spool(place, self.service.upload.file_mode)
 
-    def _check_writable(self) -> None:
-        """PUT and DELETE on a read-only server answer 4.05."""
-        if not self.service.write:
-            raise errors.ReadOnly()
-
-    def _place(self, request: aiocoap.Message, directory_refusal: str) -> Place:
-        """For PUT and DELETE: where the write lands, with If-Match and If-None-Match checked
-        against the file there now."""
-        self._check_writable()
-        target = _target(request)
-        if target.is_dir_request:
-            raise errors.BadPath(directory_refusal)
-        place = self.tree.place(target, directory_refusal)
+    def _checked_place(self, request: aiocoap.Message, target: Target) -> Place:
+        """Where a write to `target` lands, with If-Match and If-None-Match checked against
+        what is there now."""
+        place = self.tree.place(target)
         try:
             existing = place.existing
             etag = None if existing is None else etag_from_stat(existing, self.service.etag_length)
@@ -279,6 +396,66 @@ class FileService(Resource, ObservableResource):
             place.close()
             raise
         return place
+
+    def _put_directory(self, request: aiocoap.Message, target: Target) -> aiocoap.Message:
+        """`PUT dir/`: make the directory (2.01), or find it there (2.04); parents must exist."""
+        place = self._checked_place(request, target)
+        try:
+            if place.existing is not None:
+                code, st = codes.CHANGED, place.existing
+            else:
+                try:
+                    st = self.tree.make_directory(place, self.service.upload.directory_mode)
+                except FileExistsError:
+                    if request.opt.if_none_match:
+                        raise errors.PreconditionFailed("It exists (If-None-Match)") from None
+                    raise errors.Conflict("Something appeared at that name meanwhile") from None
+                code = codes.CREATED
+                accesslog.log_change(request, "directory created", None, None)
+        finally:
+            place.close()
+        return aiocoap.Message(code=code, etag=etag_from_stat(st, self.service.etag_length))
+
+    # --- DELETE -----------------------------------------------------------------------------
+
+    async def render_delete(self, request: aiocoap.Message) -> aiocoap.Message:
+        target = _target(request)
+        self._authorize("write", target, request, beneath=target.is_dir_request)
+        if target.is_dir_request:
+            await self._delete_directory(request, target)
+        else:
+            place = self._checked_place(request, target)
+            try:
+                self.tree.delete_file(place)
+            finally:
+                place.close()
+            accesslog.log_change(request, "deleted", None, None)
+        return aiocoap.Message(code=codes.DELETED)
+
+    async def _delete_directory(self, request: aiocoap.Message, target: Target) -> None:
+        """`DELETE dir/`: with its contents; with If-Match carrying RIOT's empty-directory ETag
+        only if empty, with the listing's ETag only if unchanged."""
+        wanted = request.opt.if_match
+        only_if_empty = EMPTY_DIRECTORY_ETAG in wanted
+        if only_if_empty:
+            request = request.copy(if_match=[e for e in wanted if e != EMPTY_DIRECTORY_ETAG])
+        place = self._checked_place(request, target)
+        try:
+            if place.existing is None:
+                raise errors.NotFound()
+            try:
+                await self.tree.delete_directory(place, only_if_empty=only_if_empty)
+            except NotEmpty:
+                raise errors.PreconditionFailed("The directory is not empty") from None
+        finally:
+            place.close()
+        accesslog.log_change(request, "directory deleted", None, None)
+
+
+def _refusal(verdict: Verdict) -> aiocoap.error.ConstructionRenderableError:
+    if verdict is Verdict.UNAUTHENTICATED:
+        return errors.Unauthorized()
+    return errors.Refused()
 
 
 def _target(request: aiocoap.Message) -> Target:

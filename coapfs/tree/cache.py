@@ -15,6 +15,7 @@ from .pathindex import PathIndex
 #: Files up to this size are kept whole; larger ones keep only their stat.
 SMALL_FILE_BYTES = 64 * 1024
 _ENTRY_OVERHEAD = 300  # bytes of bookkeeping per entry, roughly (stat, key, dict slots)
+_ENTRY_NAME_OVERHEAD = 120  # bytes per listed name kept beside the body (tuple, str)
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,10 @@ class Entry:
     is_dir: bool
     st: os.stat_result
     body: bytes | None
+    #: A directory's servable entries (name, is a directory), from which `body` was rendered.
+    entries: tuple[tuple[str, bool], ...] = ()
+    #: A file's stored Content-Format (`attributes`), if a PUT gave it one.
+    content_format: int | None = None
     digest: bytes = field(init=False)  # its ETag, computed once
 
     def __post_init__(self) -> None:
@@ -32,7 +37,8 @@ class Entry:
 
     @property
     def cost(self) -> int:
-        return _ENTRY_OVERHEAD + (len(self.body) if self.body is not None else 0)
+        body = len(self.body) if self.body is not None else 0
+        return _ENTRY_OVERHEAD + body + _ENTRY_NAME_OVERHEAD * len(self.entries)
 
 
 class Cache:

@@ -15,6 +15,12 @@ def stat_digest(st: os.stat_result) -> bytes:
     return hashlib.blake2b(state.encode("ascii"), digest_size=8).digest()
 
 
+def derived_digest(digest: bytes, variant: bytes) -> bytes:
+    """The digest of one variant of a representation (a listing with some entries left out):
+    different from the full one's and from every other variant's."""
+    return hashlib.blake2b(digest + b"\0" + variant, digest_size=8).digest()
+
+
 def etag_from_digest(digest: bytes, length: int) -> bytes | None:
     """The ETag of the configured length; None when ETags are disabled (length 0)."""
     return digest[:length] if length else None

@@ -8,8 +8,10 @@ from collections.abc import Sequence
 from .path import Key
 from .problems import NotFound
 
-#: Prefix of the temporary files an upload is spooled to; never listed or served.
+#: Prefix of the files an upload is spooled to where the file system has no unnamed files.
 SPOOL_PREFIX = ".coapfs-upload-"
+#: Prefix a deleted directory is renamed to while its contents are removed.
+TRASH_PREFIX = ".coapfs-delete-"
 
 
 def is_hidden(name: str) -> bool:

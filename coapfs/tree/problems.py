@@ -31,3 +31,7 @@ class NotADirectory(Problem):
 
 class Forbidden(Problem):
     message = "Forbidden"
+
+
+class Conflict(Problem):
+    message = "Something of the other kind is at that name (a file where a directory is meant)"

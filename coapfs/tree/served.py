@@ -17,12 +17,13 @@ from typing import Any
 
 from ..config.schema import CacheConfig
 from ..watch import stat_signature
-from . import listing, write
+from . import attributes, listing, write
 from .cache import SMALL_FILE_BYTES, Entry
 from .freshness import Freshness
 from .path import Key, Target, directories_of
-from .problems import NotADirectory, NotAFile
+from .problems import Forbidden, NotADirectory, NotAFile
 from .root import Root
+from .spool import Check, Spool
 
 log = logging.getLogger("coapfs")
 
@@ -50,7 +51,7 @@ class Found:
             return
         self._fd, st = self._root.open_for_reading(self._target.segments)
         if stat_signature(st) != stat_signature(self.entry.st):
-            self.entry = Entry(False, st, None)
+            self.entry = Entry(False, st, None, content_format=attributes.content_format(self._fd))
 
     def read(self, offset: int, size: int) -> bytes:
         body = self.entry.body
@@ -223,13 +224,13 @@ class ServedTree:
         log.warning("%s now names another directory; serving that one", path)
         self.switch_root(new_root)
 
-    def _changed_here(self, key: Key) -> None:
+    def _changed_here(self, key: Key, *, subtree: bool = False) -> None:
         """Our own write: drop what was cached and pass it on at once, before the watcher
         reports it."""
-        for k in (key, key[:-1]):
+        for k, beneath in ((key, subtree), (key[:-1], False)):
             if self._fresh is not None:
-                self._fresh.cache.drop(k)
-            self.on_stale(k, False)
+                self._fresh.cache.drop(k, subtree=beneath)
+            self.on_stale(k, beneath)
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -269,24 +270,26 @@ class ServedTree:
             if stat.S_ISDIR(st.st_mode):
                 if not target.is_dir_request:
                     raise NotAFile()
-                body, shows_links = self._listing(fd, target)
-                return Entry(True, st, body), None, not shows_links
+                entries, shows_links = self._listing(fd, target)
+                body = listing.render_listing(target.segments, entries)
+                return Entry(True, st, body, entries), None, not shows_links
             if target.is_dir_request:
                 raise NotADirectory()
             watchable = st.st_nlink == 1
+            stored_format = attributes.content_format(fd)
             if st.st_size <= SMALL_FILE_BYTES:
                 body = _read_whole(fd, st.st_size)
                 if stat_signature(os.fstat(fd)) == stat_signature(st):
-                    return Entry(False, st, body), None, watchable
+                    return Entry(False, st, body, content_format=stored_format), None, watchable
                 st = os.fstat(fd)  # written to meanwhile: serve it block by block instead
             keep_open = True
-            return Entry(False, st, None), fd, watchable
+            return Entry(False, st, None, content_format=stored_format), fd, watchable
         finally:
             if not keep_open:
                 os.close(fd)
 
-    def _listing(self, dirfd: int, target: Target) -> tuple[bytes, bool]:
-        """The link-format body, and whether it shows any symbolic link."""
+    def _listing(self, dirfd: int, target: Target) -> tuple[tuple[tuple[str, bool], ...], bool]:
+        """The servable entries, sorted, and whether any of them is a symbolic link."""
         links = []
 
         def resolve_link(name: str) -> os.stat_result | None:
@@ -297,23 +300,50 @@ class ServedTree:
                 return None
 
         entries = listing.read_entries(dirfd, resolve_link)
-        return listing.render_listing(target.segments, entries), bool(links)
+        return tuple(sorted(entries)), bool(links)
 
     # --- writing ----------------------------------------------------------------------------
 
-    def place(self, target: Target, directory_refusal: str) -> write.Place:
+    def place(self, target: Target) -> write.Place:
         """Where a write to `target` lands (close it when done); see `write.open_place`."""
-        return write.open_place(self._root, target, directory_refusal)
+        if not target.segments:
+            raise Forbidden("The served root itself cannot be written or deleted")
+        return write.open_place(self._root, target)
 
-    async def replace(self, place: write.Place, data: bytes, *, no_replace: bool) -> os.stat_result:
-        """Put `data` at the place in one step (off the event loop); the new file's stat."""
-        st = await asyncio.to_thread(write.replace_atomically, place, data, no_replace=no_replace)
+    def spool(self, place: write.Place, mode: int) -> Spool:
+        """An upload to the place, filled as blocks arrive (it owns the place from now on)."""
+        try:
+            return Spool(place, mode)
+        except BaseException:
+            place.close()
+            raise
+
+    async def commit(
+        self, spool: Spool, check: Check, *, create_only: bool, content_format: int | None
+    ) -> tuple[os.stat_result, bool]:
+        """Put a complete upload in place (off the event loop): the new file's stat and whether
+        it was created; the spool is gone afterwards, whatever happened."""
+        try:
+            result = await asyncio.to_thread(
+                spool.commit, check, create_only=create_only, content_format=content_format
+            )
+        finally:
+            spool.discard()
+        self._changed_here(spool.place.target.segments)
+        return result
+
+    def delete_file(self, place: write.Place) -> None:
+        write.delete_file(place)
+        self._changed_here(place.target.segments)
+
+    def make_directory(self, place: write.Place, mode: int) -> os.stat_result:
+        st = write.make_directory(place, mode)
         self._changed_here(place.target.segments)
         return st
 
-    def delete(self, place: write.Place) -> None:
-        write.delete(place)
-        self._changed_here(place.target.segments)
+    async def delete_directory(self, place: write.Place, *, only_if_empty: bool) -> None:
+        await asyncio.to_thread(write.delete_directory, place, only_if_empty=only_if_empty)
+        self._changed_here(place.target.segments, subtree=True)
 
     def space_left(self) -> int:
         return write.space_left(self._root)
@@ -321,6 +351,10 @@ class ServedTree:
     def unwritable_reason(self) -> str | None:
         """Why this process could not write beneath the root (None: it can)."""
         return write.unwritable_reason(self._root)
+
+    async def sweep(self, older_than: float) -> int:
+        """Remove what interrupted writes left behind (off the event loop); how many."""
+        return await asyncio.to_thread(write.sweep, self._root, older_than)
 
 
 def _read_whole(fd: int, size: int) -> bytes:

@@ -1,31 +1,39 @@
-"""Changing the tree: a file replaced in one step, or deleted, at a name whose parent is open.
+"""Changing the tree, at a name whose parent directory is open: deleting a file, making and
+deleting directories (files are written through `spool`), and the checks around writing.
 
-`Place` is where a write lands: decided (and its current file stat'ed) before any byte is
-written, so that preconditions are checked against what is there."""
+`Place` is where a write lands: decided (and what is there now stat'ed, without following a
+link) before any byte is written, so that preconditions are checked against what is there."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import pwd
 import secrets
+import shutil
 import stat
+import sys
+import time
 from dataclasses import dataclass
 
-from .hidden import SPOOL_PREFIX
+from .hidden import SPOOL_PREFIX, TRASH_PREFIX
 from .path import Target
-from .problems import Forbidden, NotAFile, NotFound
+from .problems import Conflict, Forbidden, NotAFile, NotFound
 from .root import Root
 
+log = logging.getLogger(__name__)
 
-class NameTaken(Exception):
-    """A file appeared at the name while a no-replace write was in progress."""
+
+class NotEmpty(Exception):
+    """A directory to be deleted only if empty is not."""
 
 
 @dataclass
 class Place:
-    """The name a write is for: its parent directory (open) and the regular file there now
-    (None if there is none)."""
+    """The name a write is for: its parent directory (open) and what is there now (its lstat;
+    None if nothing)."""
 
     target: Target
     parent: int
@@ -41,9 +49,11 @@ class Place:
             self.parent = -1
 
 
-def open_place(root: Root, target: Target, directory_refusal: str) -> Place:
-    """The place for a write to `target` (a file name); directories and symbolic links there are
-    refused, so a write never reaches past the name it was sent to."""
+def open_place(root: Root, target: Target) -> Place:
+    """The place for a write to `target` (not the root). Symbolic links at the name, and
+    anything but regular files and directories, are refused: a write never reaches past the
+    name it was sent to. A directory named without its trailing slash (or a file with one)
+    is refused too."""
     try:
         parent = root.open_parent(target.segments)
     except (FileNotFoundError, NotADirectoryError):
@@ -53,59 +63,92 @@ def open_place(root: Root, target: Target, directory_refusal: str) -> Place:
             lst = os.stat(target.segments[-1], dir_fd=parent, follow_symlinks=False)
         except FileNotFoundError:
             return Place(target, parent, None)
-        if stat.S_ISDIR(lst.st_mode):
-            raise NotAFile(f"Is a directory: {directory_refusal}")
-        if not stat.S_ISREG(lst.st_mode):
-            raise Forbidden("Only regular files can be written or deleted")
+        if stat.S_ISDIR(lst.st_mode) and not target.is_dir_request:
+            raise NotAFile("Is a directory (add a trailing slash)")
+        if stat.S_ISREG(lst.st_mode) and target.is_dir_request:
+            raise Conflict("A file of that name exists (strip the trailing slash to write it)")
+        if not (stat.S_ISREG(lst.st_mode) or stat.S_ISDIR(lst.st_mode)):
+            raise Forbidden("Only regular files and directories can be written or deleted")
         return Place(target, parent, lst)
     except BaseException:
         os.close(parent)
         raise
 
 
-def replace_atomically(place: Place, data: bytes, *, no_replace: bool) -> os.stat_result:
-    """Write `data` to a hidden spool file beside the name, then move it into place in one step.
-
-    Readers see either the old or the new content, never a mix. With `no_replace` the move is a
-    hard link, which fails (NameTaken) instead of replacing a file created meanwhile. Runs in a
-    worker thread (the writes and fsync can be slow)."""
-    parent, name = place.parent, place.name
-    spool = f"{SPOOL_PREFIX}{secrets.token_hex(8)}"
-    fd = os.open(
-        spool,
-        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-        0o666,
-        dir_fd=parent,
-    )
+def fsync_directory(fd: int) -> None:
+    """Make a directory's new entries durable (not every file system can: then it is skipped)."""
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        if place.existing is not None:
-            os.fchmod(fd, stat.S_IMODE(place.existing.st_mode))
         os.fsync(fd)
-        if no_replace:
-            try:
-                os.link(spool, name, src_dir_fd=parent, dst_dir_fd=parent, follow_symlinks=False)
-            except FileExistsError:
-                raise NameTaken() from None
-            os.unlink(spool, dir_fd=parent)
-        else:
-            os.rename(spool, name, src_dir_fd=parent, dst_dir_fd=parent)
-        os.fsync(parent)
-        return os.fstat(fd)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(spool, dir_fd=parent)
-        raise
-    finally:
-        os.close(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EBADF):
+            raise
 
 
-def delete(place: Place) -> None:
+def delete_file(place: Place) -> None:
     if place.existing is None:
         raise NotFound()
     os.unlink(place.name, dir_fd=place.parent)
+
+
+def make_directory(place: Place, mode: int) -> os.stat_result:
+    """Create the directory at the place; EEXIST if something appeared meanwhile."""
+    os.mkdir(place.name, mode, dir_fd=place.parent)
+    fsync_directory(place.parent)
+    return os.stat(place.name, dir_fd=place.parent, follow_symlinks=False)
+
+
+def delete_directory(place: Place, *, only_if_empty: bool) -> None:
+    """Delete the directory at the place. With `only_if_empty`, NotEmpty unless it is. Otherwise
+    it is first renamed to a hidden name (it disappears for clients at once), then removed with
+    everything in it, following no link (shutil.rmtree on descriptors): nothing outside it is
+    touched. Blocking: runs in a worker thread."""
+    if place.existing is None:
+        raise NotFound()
+    if only_if_empty:
+        try:
+            os.rmdir(place.name, dir_fd=place.parent)
+        except OSError as e:
+            if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise NotEmpty() from None
+            raise
+        return
+    trash = f"{TRASH_PREFIX}{secrets.token_hex(8)}"
+    os.rename(place.name, trash, src_dir_fd=place.parent, dst_dir_fd=place.parent)
+    fsync_directory(place.parent)
+    _remove_tree(place.parent, trash)
+
+
+def _remove_tree(parent: int, name: str) -> None:
+    def complain(function: object, path: str, error: object) -> None:
+        log.warning("Could not remove %s of a deleted directory: %s", path, error)
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(name, dir_fd=parent, onexc=complain)
+    else:
+        shutil.rmtree(name, dir_fd=parent, onerror=complain)
+
+
+def sweep(root: Root, older_than: float) -> int:
+    """Remove what interrupted writes left beneath the root: named spools and renamed-away
+    directories not touched for `older_than` seconds (younger ones may belong to a write in
+    progress, by this or another server on the same files). How many were removed."""
+    removed = 0
+    cutoff = time.time() - older_than
+    for _directory, dirnames, filenames, dirfd in os.fwalk(".", dir_fd=root.fd):
+        for name in [*filenames, *dirnames]:
+            if not name.startswith((SPOOL_PREFIX, TRASH_PREFIX)):
+                continue
+            with contextlib.suppress(OSError):
+                st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                if st.st_mtime > cutoff:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    _remove_tree(dirfd, name)
+                else:
+                    os.unlink(name, dir_fd=dirfd)
+                removed += 1
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    return removed
 
 
 def unwritable_reason(root: Root) -> str | None:
