@@ -221,6 +221,12 @@ class ObserveConfig:
     coalesce_ms: int = key(
         100, integer(0, 60_000), "at most one notification per resource in this many milliseconds"
     )
+    max_per_peer: int = key(
+        64, integer(0), "observations one endpoint may hold; beyond, GETs are not observed"
+    )
+    max_total: int = key(
+        20_000, integer(0), "observations in all; beyond, GETs are answered without Observe"
+    )
 
 
 @dataclass(frozen=True)

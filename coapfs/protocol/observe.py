@@ -1,7 +1,10 @@
 """Who observes what (RFC 7641), and when they hear of a change: a few milliseconds after the
 first change (so a write, its truncation and its close make one notification), and then at most
 once per `coalesce` seconds, so a burst of a thousand changes yields a handful of notifications,
-each rendered from the then-current state."""
+each rendered from the then-current state.
+
+Notifying is spread over event-loop turns, `FANOUT_BATCH` observers a turn, so that thousands
+of observers of one file do not hold up the requests arriving meanwhile."""
 
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ from ..tree.pathindex import PathIndex
 
 #: How long after a change its notification waits for the rest of the same write.
 SETTLE = 0.005
+#: Observers notified per event-loop turn.
+FANOUT_BATCH = 32
 
 
 class Observations:
@@ -58,9 +63,17 @@ class Observations:
         observers = self._by_key.get(key)
         if not observers:
             return
-        self._last_sent[key] = asyncio.get_running_loop().time()
-        for observation in list(observers):
+        loop = asyncio.get_running_loop()
+        self._last_sent[key] = loop.time()
+        self._trigger(loop, list(observers))
+
+    def _trigger(self, loop: asyncio.AbstractEventLoop, pending: list[Any]) -> None:
+        """Notify a batch now and the rest on later turns (each renders the state it finds)."""
+        batch, rest = pending[:FANOUT_BATCH], pending[FANOUT_BATCH:]
+        for observation in batch:
             observation.trigger()
+        if rest:
+            loop.call_soon(self._trigger, loop, rest)
 
     def close(self) -> None:
         for handle in self._scheduled.values():

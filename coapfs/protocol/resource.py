@@ -111,6 +111,7 @@ class FileService(Resource, ObservableResource):
         self._observations = Observations(service.observe.coalesce_ms / 1000)
         self.tree.on_stale = self._observations.changed
         self._observers: dict[Any, _Observed] = {}  # aiocoap's ServerObservation -> what
+        self._per_endpoint: dict[tuple[Any, Any], int] = {}  # (address, port) -> observations
         self._uploads = Uploads(service.upload)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.counters = Counters()
@@ -257,8 +258,10 @@ class FileService(Resource, ObservableResource):
         be rendered again as a notification (that would repeat the write on every change)."""
         target = self._observable_target(request)
         peer = _peer_once(request)
-        if target is None or self.rules.decide("read", target.segments, peer) is not (
-            Verdict.ALLOWED
+        if (
+            target is None
+            or self.rules.decide("read", target.segments, peer) is not Verdict.ALLOWED
+            or not self._room_for_observer(peer())
         ):
             serverobservation.accept(lambda: None)
             serverobservation.deregister()
@@ -266,7 +269,17 @@ class FileService(Resource, ObservableResource):
         hold = self.tree.hold(target)
         self._observations.add(target.segments, serverobservation)
         self._observers[serverobservation] = _Observed(target, peer(), hold)
+        endpoint = (peer().address, peer().port)
+        self._per_endpoint[endpoint] = self._per_endpoint.get(endpoint, 0) + 1
         serverobservation.accept(lambda: self._observation_ended(serverobservation))
+
+    def _room_for_observer(self, peer: Peer) -> bool:
+        """Within [observe] max_total and max_per_peer (else the GET is answered unobserved,
+        which RFC 7641 3.1 lets a server do)."""
+        limits = self.service.observe
+        if len(self._observers) >= limits.max_total:
+            return False
+        return self._per_endpoint.get((peer.address, peer.port), 0) < limits.max_per_peer
 
     def _observable_target(self, request: aiocoap.Message) -> Target | None:
         if request.code != codes.GET or request.opt.uri_path == _WELL_KNOWN_CORE:
@@ -281,6 +294,10 @@ class FileService(Resource, ObservableResource):
         observed = self._observers.pop(serverobservation)
         self._observations.remove(observed.target.segments, serverobservation)
         self.tree.release(observed.hold)
+        endpoint = (observed.peer.address, observed.peer.port)
+        left = self._per_endpoint.pop(endpoint, 1) - 1
+        if left > 0:
+            self._per_endpoint[endpoint] = left
 
     # --- GET --------------------------------------------------------------------------------
 

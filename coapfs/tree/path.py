@@ -10,6 +10,12 @@ from .problems import BadPath
 
 Key = tuple[str, ...]  # a path beneath the root, one name per segment; () is the root
 
+#: The deepest path served: more segments are refused before any work is done for them (every
+#: ancestor of a path is looked at, so a path's cost grows with its depth).
+MAX_SEGMENTS = 64
+#: A segment's longest name in bytes (Linux NAME_MAX).
+MAX_NAME = 255
+
 
 class Target(NamedTuple):
     """A validated request path: its segments below the root, and whether it named a directory
@@ -25,6 +31,8 @@ def parse_uri_path(uri_path: Sequence[str]) -> Target:
     is_dir = not segments or segments[-1] == ""
     if segments and segments[-1] == "":
         segments = segments[:-1]
+    if len(segments) > MAX_SEGMENTS:
+        raise BadPath(f"Path too deep: more than {MAX_SEGMENTS} segments")
     for s in segments:
         if s == "":
             raise BadPath("Empty path segment (double slash)")
@@ -34,9 +42,13 @@ def parse_uri_path(uri_path: Sequence[str]) -> Target:
             raise BadPath("Path segment contains '/' or NUL")
         if not s.isascii():
             try:
-                s.encode("utf-8")
+                encoded = s.encode("utf-8")
             except UnicodeEncodeError:  # undecodable bytes kept as surrogates (surrogateescape)
                 raise BadPath("Path segment is not valid UTF-8") from None
+            if len(encoded) > MAX_NAME:
+                raise BadPath(f"Name too long: more than {MAX_NAME} bytes")
+        elif len(s) > MAX_NAME:
+            raise BadPath(f"Name too long: more than {MAX_NAME} bytes")
     return Target(segments, is_dir)
 
 

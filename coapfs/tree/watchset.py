@@ -28,15 +28,19 @@ class WatchSet:
         """Watch `dirs` for one more holder; True if inotify covers all of them (so what was
         read from them may be cached), False if any is only polled or cannot be watched."""
         trusted = True
+        missing = False  # beneath a directory that does not exist, none can: no system calls
         for key in dirs:
-            try:
-                trusted = self._watcher.watch_directory(self._path(key)) and trusted
-            except (OSError, ValueError) as e:
-                log.debug("Cannot watch %s: %s", self._path(key), e)
-                trusted = False
+            if not missing:
+                try:
+                    trusted = self._watcher.watch_directory(self._path(key)) and trusted
+                except (FileNotFoundError, NotADirectoryError):
+                    trusted, missing = False, True
+                except (OSError, ValueError) as e:
+                    log.debug("Cannot watch %s: %s", self._path(key), e)
+                    trusted = False
             if key not in self._holders:
                 self._holders[key] = 0
-                self._identity[key] = self._current_identity(key)
+                self._identity[key] = None if missing else self._current_identity(key)
             self._holders[key] += 1
         return trusted
 
