@@ -8,7 +8,7 @@ import aiocoap
 from aiocoap.numbers import codes
 
 from coapfs.config import Config
-from coapfs.daemon import context
+from coapfs.transport import context
 from coapfs.protocol.resource import FileService
 
 from conftest import free_udp_port, get
@@ -22,7 +22,8 @@ def test_context_renders_with_the_cheap_task_name(client, tmp_path):
         bind=("127.0.0.1", port), credentials=None, tls_server_certificate=None,
         tls_server_key=None,
     )  # fmt: skip
-    ctx = client.run(context.server_context(site, ns))
+    guards = context.WireGuards(Config().amplification, Config().deduplication)
+    ctx = client.run(context.server_context(site, ns, guards))
     try:
         assert ctx.render_to_pipe.__func__ is context._render_to_pipe
         r = get(client, f"coap://127.0.0.1:{port}/f.txt")

@@ -9,6 +9,7 @@ Parsers turn a raw TOML value into its typed value or raise `Invalid` saying wha
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -173,6 +174,44 @@ def permission_bits(v: Any) -> int:
     return v
 
 
+def network_list(v: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    expected = 'a list of networks like ["127.0.0.0/8", "::1/128", "192.168.0.0/16"]'
+    if not isinstance(v, list) or not all(isinstance(i, str) for i in v):
+        raise Invalid(expected)
+    networks = []
+    for i, item in enumerate(v, start=1):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=True))
+        except ValueError:
+            raise Invalid(
+                "a network without host bits, e.g. 192.0.2.0/24", f"[{i}]", item
+            ) from None
+    return tuple(networks)
+
+
+def factor(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < float("inf"):
+        raise Invalid("a number >= 0 (0: no limit)")
+    return float(v)
+
+
+#: Where amplification is no concern by default: loopback, private IPv4, IPv6 unique-local and
+#: link-local (a LAN). Public addresses are limited until verified.
+TRUSTED_NETWORKS = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "127.0.0.0/8",
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "169.254.0.0/16",
+        "::1/128",
+        "fc00::/7",
+        "fe80::/10",
+    )
+)
+
+
 def access_rules(v: Any) -> tuple[AccessRule, ...]:
     try:
         return parse_rules(v)
@@ -230,6 +269,35 @@ class ObserveConfig:
 
 
 @dataclass(frozen=True)
+class AmplificationConfig:
+    """[amplification]: how much a peer whose source address is not verified can receive."""
+
+    factor: float = key(3.0, factor, "a response is at most this times the request (0: no limit)")
+    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = key(
+        TRUSTED_NETWORKS,
+        network_list,
+        "networks exempt from the limit (default: loopback, private, link-local: a LAN)",
+    )
+    unverified: str = key(
+        "small-blocks",
+        one_of("small-blocks", "echo"),
+        'a GET too large to answer: "small-blocks" (any client) or "echo" (4.01 + Echo)',
+    )
+    verified_for: float = key(600.0, positive_number, "seconds a verified address stays so")
+    max_verified: int = key(10_000, integer(1), "verified addresses remembered at most")
+
+
+@dataclass(frozen=True)
+class DeduplicationConfig:
+    """[deduplication]: responses kept for retransmissions of requests that must not run twice."""
+
+    max_entries: int = key(
+        10_000, integer(1), "responses kept at most (beyond: new PUT/DELETE get 5.03)"
+    )
+    max_bytes: int = key(16 * MiB, integer(1), "bytes of kept responses at most")
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the program is configured with; frozen, so a reload builds a new one."""
 
@@ -261,6 +329,8 @@ class Config:
     cache: CacheConfig = table(CacheConfig, "the in-memory file cache")
     observe: ObserveConfig = table(ObserveConfig, "CoAP Observe")
     upload: UploadConfig = table(UploadConfig, "writes over CoAP")
+    amplification: AmplificationConfig = table(AmplificationConfig, "unverified source addresses")
+    deduplication: DeduplicationConfig = table(DeduplicationConfig, "the message layer's memory")
 
     @property
     def service(self) -> ServiceConfig:

@@ -14,8 +14,8 @@ from typing import Any
 import aiocoap
 
 from ..config import Bind, Config, ConfigError, Loaded
+from ..transport.context import WireGuards, server_context
 from . import port
-from .context import server_context
 
 COAP_PORT = 5683
 
@@ -56,11 +56,11 @@ class Endpoint:
             tls_server_key=str(self.tls_server_key) if self.tls_server_key else None,
         )
 
-    async def bind_to(self, site: Any, loaded: Loaded) -> aiocoap.Context:
+    async def bind_to(self, site: Any, loaded: Loaded, guards: WireGuards) -> aiocoap.Context:
         """A bound server context for `site`; errors become one line naming what failed."""
         log.debug("Binding %s", self)
         try:
-            return await server_context(site, self.namespace())
+            return await server_context(site, self.namespace(), guards)
         except ssl.SSLError as e:
             raise loaded.error(
                 "tls_server_certificate",

@@ -19,6 +19,7 @@ from aiocoap.resourcedirectory.client.register import Registerer
 
 from ..config import Config, ConfigError, Loaded, Loader
 from ..protocol.resource import FileService, Prepared
+from ..transport.context import WireGuards
 from . import journal
 from .endpoint import Endpoint, StartupError, endpoints
 from .gate import Gate
@@ -55,6 +56,7 @@ class Supervisor:
         self.loaded = loaded
         self.service = service
         self.gate = Gate(service)
+        self.guards = WireGuards(loaded.config.amplification, loaded.config.deduplication)
         self.manager = ServiceManager()
         self._on_ready = on_ready
         self._contexts: dict[Endpoint, aiocoap.Context] = {}
@@ -108,7 +110,7 @@ class Supervisor:
 
     async def _start(self) -> None:
         for endpoint in endpoints(self.config):
-            self._contexts[endpoint] = await endpoint.bind_to(self.gate, self.loaded)
+            self._contexts[endpoint] = await endpoint.bind_to(self.gate, self.loaded, self.guards)
         self.service.start()
         self._register(self.config)
         self._warn_if_unwritable()
@@ -249,6 +251,7 @@ class Supervisor:
         if reregister:
             self._register(new)
         journal.set_verbosity(new.verbosity)
+        self.guards.configure(new.amplification, new.deduplication)
         self.loaded = loaded
         if new.write and (new.write, new.root) != (old.write, old.root):
             self._warn_if_unwritable()
@@ -267,13 +270,13 @@ class Supervisor:
         try:
             for endpoint in added:
                 log.info("Binding %s", endpoint)
-                new[endpoint] = await endpoint.bind_to(self.gate, loaded)
+                new[endpoint] = await endpoint.bind_to(self.gate, loaded, self.guards)
         except (ConfigError, StartupError):
             for context in new.values():
                 await context.shutdown()
             for endpoint in gone:
                 try:
-                    current[endpoint] = await endpoint.bind_to(self.gate, self.loaded)
+                    current[endpoint] = await endpoint.bind_to(self.gate, self.loaded, self.guards)
                 except (ConfigError, StartupError) as e:
                     log.error("Could not restore %s: %s", endpoint, e)
                     del current[endpoint]
