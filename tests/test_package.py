@@ -11,16 +11,14 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
+import container
 import pytest
+import systemtest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "packaging"))
-import container  # noqa: E402
-import systemtest  # noqa: E402
+from support.polling import wait_until
 
 UNIT = systemtest.UNIT
 CONFIG = "/etc/coap-fileserver.toml"
@@ -103,15 +101,6 @@ def diagnostics(system: container.Container) -> str:
     status = system.run(["systemctl", "status", "--no-pager", "--lines=0", UNIT], check=False)
     journal = system.run(["journalctl", "-u", UNIT, "--no-pager", "-n", "40"], check=False)
     return f"\n--- systemctl status\n{status.stdout}\n--- journal\n{journal.stdout}"
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str, system: container.Container):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.5)
-    pytest.fail(f"not within {timeout} s: {what}{diagnostics(system)}")
 
 
 def coap_client(system: container.Container, *args: str) -> subprocess.CompletedProcess[str]:
@@ -288,7 +277,13 @@ def test_5_watchdog_restarts_a_stopped_daemon(system: container.Container) -> No
             and int(prop(system, "MainPID")) not in (0, pid)
         )
 
-    wait_until(restarted, 60, "the watchdog restarts the daemon", system)
+    wait_until(
+        restarted,
+        60,
+        what="the watchdog restarts the daemon",
+        interval=0.5,
+        details=lambda: diagnostics(system),
+    )
     container.log(f"watchdog restart after {time.monotonic() - started:.1f} s")
     assert coap_client_get(system, "coap://[::1]/hello.txt") == "hello from the package\n"
 

@@ -7,15 +7,11 @@ checks that the programs it runs and the man pages it names exist.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
+import container
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "packaging"))
-import container  # noqa: E402
-import systemtest  # noqa: E402
+import systemtest
 
 UNIT = systemtest.UNIT
 DROPIN_DIR = "/etc/systemd/system/coap-fileserver.service.d"
