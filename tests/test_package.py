@@ -20,6 +20,8 @@ import systemtest
 
 from support.polling import wait_until
 
+pytestmark = pytest.mark.system
+
 UNIT = systemtest.UNIT
 CONFIG = "/etc/coap-fileserver.toml"
 CONFIG_DIR = "/etc/coap-fileserver.d"

@@ -13,6 +13,8 @@ import container
 import pytest
 import systemtest
 
+pytestmark = pytest.mark.system
+
 UNIT = systemtest.UNIT
 DROPIN_DIR = "/etc/systemd/system/coap-fileserver.service.d"
 WRITE_EXAMPLE = "/usr/share/doc/coap-fileserver/examples/write.conf"

@@ -15,8 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from support.repo import REPO, environment
 from support.tools import require
+
+pytestmark = pytest.mark.needs_root
 
 NAMESPACE_LIMIT = Path("/proc/sys/user/max_inotify_watches")
 
