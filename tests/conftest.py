@@ -9,6 +9,7 @@ import pytest
 
 from support.client import Client
 from support.server import Servers
+from support.system import booted_system
 from support.tools import libcoap_client
 
 
@@ -40,3 +41,15 @@ def start_module_server(tmp_path_factory, client: Client) -> Iterator[Servers]:
 def coap_client() -> str:
     """libcoap's coap-client, an independent peer."""
     return libcoap_client()
+
+
+@pytest.fixture(scope="session")
+def system():
+    """The booted Debian 13 with the package installed, shared by every system test."""
+    yield from booted_system()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """test_package.py's steps change the shared system (the last one purges the package):
+    they run after every other test, so the unit file's checks see it as installed."""
+    items.sort(key=lambda item: item.path.name == "test_package.py")

@@ -1,7 +1,8 @@
 """The Debian package in a real systemd (issue 5): install, serve, sandbox, reload, watchdog, write,
 purge, and an OSCORE-protected GET, all inside a booted Debian 13 container.
 
-The steps share one container and run in file order, each leaving the service running with a
+The steps run in file order in the session's one container (conftest's `system`, shared with
+tests/test_unit_file.py, whose checks run before them), each leaving the service running with a
 valid configuration for the next. Everything talks over the container's own loopback
 (--private-network): the service's port 5683 never meets the host's.
 """
@@ -12,7 +13,6 @@ import json
 import shlex
 import subprocess
 import time
-from collections.abc import Iterator
 
 import container
 import pytest
@@ -21,7 +21,6 @@ import systemtest
 from support.polling import wait_until
 
 pytestmark = pytest.mark.system
-
 UNIT = systemtest.UNIT
 CONFIG = "/etc/coap-fileserver.toml"
 CONFIG_DIR = "/etc/coap-fileserver.d"
@@ -62,17 +61,10 @@ CLIENT_PATH = "/root/coap-get.py"
 
 
 @pytest.fixture(scope="module")
-def system() -> Iterator[container.Container]:
-    reason = systemtest.root_required()
-    if reason:
-        pytest.skip(reason)
-    started = time.monotonic()
-    deb = systemtest.built_deb()
-    with systemtest.installed_system(deb) as booted:
-        booted.path(CLIENT_PATH).write_text(CLIENT)
-        container.log(f"system test ready after {time.monotonic() - started:.0f} s")
-        yield booted
-    container.log(f"system test done after {time.monotonic() - started:.0f} s")
+def system(system: container.Container) -> container.Container:
+    """The session's booted system (conftest), with the aiocoap client script in place."""
+    system.path(CLIENT_PATH).write_text(CLIENT)
+    return system
 
 
 # --- helpers -------------------------------------------------------------------------------------

@@ -14,4 +14,5 @@
 - `files`: what a test checks on disk (upload spool files left behind).
 - `inprocess`: a server in the test's own process, whose state can be read on its loop.
 - `raw`: a server spoken to with hand-made datagrams (the benchmark's CoAP codec).
+- `system`: the booted Debian 13 container with the package installed, for the system tests.
 """
