@@ -22,6 +22,7 @@ test-oldest:
 lint:
 	$(PYTHON) -m ruff check coapfs tests bench packaging
 	$(PYTHON) -m ruff format --check coapfs tests bench packaging
+	$(PYTHON) -m mypy
 
 deb:
 	packaging/build-deb
