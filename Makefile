@@ -9,23 +9,26 @@ OLDEST ?= .venv-aiocoap-0.4.14/bin/python
 run:
 	$(PYTHON) -m coapfs
 
+# Every test once on the newest aiocoap, the system tests (markers: pyproject.toml) among them.
 test: lint test-oldest
 	$(PYTHON) -m pytest -q tests
 
-# The protocol and daemon tests once more on aiocoap 0.4.14 (the package test covers it in Debian).
+# Everything but the system tests once more on aiocoap 0.4.14 (the system tests install the
+# package, whose aiocoap is Debian's 0.4.14).
 test-oldest:
 	@test -x $(OLDEST) || { echo "missing $(OLDEST): run .ci/run (or set OLDEST=)"; exit 1; }
-	$(OLDEST) -m pytest -q -p no:cacheprovider tests --ignore=tests/test_package.py
+	$(OLDEST) -m pytest -q -p no:cacheprovider -m "not system" tests
 
 lint:
 	$(PYTHON) -m ruff check coapfs tests bench packaging
 	$(PYTHON) -m ruff format --check coapfs tests bench packaging
+	$(PYTHON) -m mypy
 
 deb:
 	packaging/build-deb
 
 systemtest:
-	$(PYTHON) -m pytest -q tests/test_package.py
+	$(PYTHON) -m pytest -q -m system tests
 
 bench:
 	$(PYTHON) bench/run.py

@@ -4,59 +4,19 @@ holder, and responses stay correct throughout."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from pathlib import Path
 
-import aiocoap
 import pytest
 from aiocoap.numbers import codes
-from test_observe import Observer
 
-from coapfs.config import CacheConfig, Config
-from coapfs.protocol.resource import FileService
 from coapfs.tree.cache import Cache, Entry
 from coapfs.tree.pathindex import PathIndex
 
-from conftest import Client, free_udp_port, get
-
-
-class InProcess:
-    def __init__(self, client: Client, root: Path, **cache) -> None:
-        self.client = client
-        self.config = Config(root=root, cache=CacheConfig(**{"poll_interval": 0.2, **cache}))
-        self.site = FileService(self.config.service)
-        port = free_udp_port()
-        self.base = f"coap://127.0.0.1:{port}"
-        self.context = client.run(
-            aiocoap.Context.create_server_context(self.site, bind=("127.0.0.1", port))
-        )
-
-    def uri(self, path: str) -> str:
-        return f"{self.base}/{path}"
-
-    def inspect(self, fn):
-        """Run `fn` on the server's loop thread, where its state lives."""
-
-        async def call():
-            return fn()
-
-        return self.client.run(call())
-
-    def stats(self) -> dict:
-        return self.inspect(self.site.stats)
-
-    def watched(self) -> dict[Path, bool]:
-        return self.stats()["watched"]
-
-    def reconfigure(self, **cache) -> None:
-        config = dataclasses.replace(self.config, cache=CacheConfig(**cache))
-        self.inspect(lambda: self.site.apply(self.site.prepare(config.service)))
-
-    def close(self) -> None:
-        self.client.run(self.context.shutdown())
-        self.inspect(self.site.close)
+from support.inprocess import InProcess
+from support.observer import Observer
+from support.polling import wait_until
 
 
 @pytest.fixture
@@ -84,9 +44,9 @@ def inprocess(client, tree):
 
 def fetch_all(client, server: InProcess, tree: Path) -> None:
     for d in range(6):
-        assert get(client, server.uri(f"d{d}/")).code == codes.CONTENT
+        assert client.get(server.uri(f"d{d}/")).code == codes.CONTENT
         for f in range(5):
-            r = get(client, server.uri(f"d{d}/f{f}.txt"))
+            r = client.get(server.uri(f"d{d}/f{f}.txt"))
             assert r.payload == (tree / f"d{d}" / f"f{f}.txt").read_bytes()
 
 
@@ -105,13 +65,11 @@ def test_watch_budget_bounds_inotify_watches_and_responses_stay_right(client, in
     assert sum(server.watched().values()) <= 3
     for d in range(6):
         (tree / f"d{d}" / "f0.txt").write_text("changed")
-    deadline = time.monotonic() + 5  # polled directories notice within poll_interval
-    while time.monotonic() < deadline:
-        if all(get(client, server.uri(f"d{d}/f0.txt")).payload == b"changed" for d in range(6)):
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail("a change in a directory over the watch budget was never seen")
+    wait_until(  # polled directories notice within poll_interval
+        lambda: all(client.get(server.uri(f"d{d}/f0.txt")).payload == b"changed" for d in range(6)),
+        what="a change in a directory over the watch budget is seen",
+        interval=0.1,
+    )
 
 
 def test_overflow_drops_everything_and_responses_stay_correct(client, inprocess, tree):
@@ -123,7 +81,7 @@ def test_overflow_drops_everything_and_responses_stay_correct(client, inprocess,
     (tree / "d0" / "f0.txt").write_text("lost event")
     server.inspect(server.site.tree.simulate_overflow)
     assert server.stats()["cached_entries"] == 0
-    assert get(client, server.uri("d0/f0.txt")).payload == b"lost event"
+    assert client.get(server.uri("d0/f0.txt")).payload == b"lost event"
     assert obs.wait_for(lambda m: m.payload == b"lost event") is not None
     obs.cancel()
 
@@ -139,12 +97,16 @@ def test_watches_go_with_their_last_observer(client, inprocess, tree):
     assert second.wait_for(lambda m: m.payload == b"wake up") is not None
     assert tree / "d3" in server.watched()
     second.cancel()
+
     # aiocoap's client answers the first notification after cancelling and rejects (RST) the
     # next; the server then ends the observation. Keep changing the file until it does.
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and tree / "d3" in server.watched():
+    def released() -> bool:
+        if tree / "d3" not in server.watched():
+            return True
         (tree / "d3" / "f1.txt").write_text(f"wake up {time.monotonic()}")
-        time.sleep(0.3)
+        return False
+
+    wait_until(released, 10, what="the last observer's watch goes", interval=0.3)
     assert server.watched() == {}
     assert server.stats()["observers"] == 0
 
@@ -174,15 +136,6 @@ def test_cache_evicts_least_recently_used():
     assert len(cache) == 0 and cache.bytes_used == 0
 
 
-def eventually(check, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_swapped_parent_directory_is_watched_anew(client, inprocess, tree):
     """The release pattern `mv a a.old; mv a.new a`: what is served and observed below `a`
     follows the new directory, not the old inode."""
@@ -191,15 +144,18 @@ def test_swapped_parent_directory_is_watched_anew(client, inprocess, tree):
         (tree / d / "b" / "f.txt").write_text(f"{d} original")
     server = inprocess()
     obs = Observer(client, server.uri("a/b/f.txt"))
-    assert get(client, server.uri("a/b/")).code == codes.CONTENT
+    assert client.get(server.uri("a/b/")).code == codes.CONTENT
     (tree / "a").rename(tree / "a.old")
     (tree / "a.new").rename(tree / "a")
     assert obs.wait_for(lambda m: m.payload == b"a.new original") is not None
     (tree / "a" / "b" / "f.txt").write_text("changed in the new tree")
     assert obs.wait_for(lambda m: m.payload == b"changed in the new tree") is not None
-    assert get(client, server.uri("a/b/f.txt")).payload == b"changed in the new tree"
+    assert client.get(server.uri("a/b/f.txt")).payload == b"changed in the new tree"
     (tree / "a" / "b" / "g.txt").write_text("g")
-    assert eventually(lambda: b"</a/b/g.txt>" in get(client, server.uri("a/b/")).payload)
+    wait_until(
+        lambda: b"</a/b/g.txt>" in client.get(server.uri("a/b/")).payload,
+        what="the new file is listed",
+    )
     obs.cancel()
 
 
@@ -217,7 +173,7 @@ def test_retargeted_symlink_is_followed_for_reads_and_observe(client, inprocess,
     assert obs.wait_for(lambda m: m.payload == b"v3 original") is not None
     (tree / "v3" / "f.txt").write_text("v3 changed")
     assert obs.wait_for(lambda m: m.payload == b"v3 changed") is not None
-    assert get(client, server.uri("latest/f.txt")).payload == b"v3 changed"
+    assert client.get(server.uri("latest/f.txt")).payload == b"v3 changed"
     obs.cancel()
 
 
@@ -225,24 +181,24 @@ def test_file_behind_a_symlink_is_never_served_stale(client, inprocess, tree):
     """The link's directory is watched, not its target's: such files are read afresh."""
     (tree / "d0" / "link.txt").symlink_to("../d1/f0.txt")
     server = inprocess()
-    assert get(client, server.uri("d0/link.txt")).payload == (tree / "d1" / "f0.txt").read_bytes()
+    assert client.get(server.uri("d0/link.txt")).payload == (tree / "d1" / "f0.txt").read_bytes()
     (tree / "d1" / "f0.txt").write_text("changed behind the link")
-    assert get(client, server.uri("d0/link.txt")).payload == b"changed behind the link"
-    listing = get(client, server.uri("d0/")).payload
+    assert client.get(server.uri("d0/link.txt")).payload == b"changed behind the link"
+    listing = client.get(server.uri("d0/")).payload
     assert b"</d0/link.txt>" in listing
     (tree / "d1" / "f0.txt").unlink()
-    assert get(client, server.uri("d0/link.txt")).code == codes.NOT_FOUND
-    assert b"</d0/link.txt>" not in get(client, server.uri("d0/")).payload
+    assert client.get(server.uri("d0/link.txt")).code == codes.NOT_FOUND
+    assert b"</d0/link.txt>" not in client.get(server.uri("d0/")).payload
 
 
 def test_file_with_another_hard_link_is_never_served_stale(client, inprocess, tree):
     """inotify reports a write under the name it was made through only."""
     os.link(tree / "d0" / "f0.txt", tree / "d1" / "same.txt")
     server = inprocess()
-    first = get(client, server.uri("d1/same.txt"))
+    first = client.get(server.uri("d1/same.txt"))
     with open(tree / "d0" / "f0.txt", "r+") as f:
         f.write("written through the other name")
-    second = get(client, server.uri("d1/same.txt"))
+    second = client.get(server.uri("d1/same.txt"))
     assert second.payload.startswith(b"written through the other name")
     assert second.opt.etag != first.opt.etag
 
@@ -250,16 +206,20 @@ def test_file_with_another_hard_link_is_never_served_stale(client, inprocess, tr
 def test_swapped_root_is_served_by_its_path(client, inprocess, tree, tmp_path):
     """`mv root root.old; mv root.new root`: the server follows the path, as clients expect."""
     server = inprocess()
-    assert get(client, server.uri("d0/f0.txt")).code == codes.CONTENT
+    assert client.get(server.uri("d0/f0.txt")).code == codes.CONTENT
     new = tmp_path / "root.new"
     (new / "d0").mkdir(parents=True)
     (new / "d0" / "f0.txt").write_text("the new tree")
     tree.rename(tmp_path / "root.old")
     new.rename(tree)
-    assert eventually(lambda: get(client, server.uri("d0/f0.txt")).payload == b"the new tree")
+    wait_until(
+        lambda: client.get(server.uri("d0/f0.txt")).payload == b"the new tree",
+        what="the new root is served",
+    )
     (tree / "d0" / "f0.txt").write_text("the new tree, changed")
-    assert eventually(
-        lambda: get(client, server.uri("d0/f0.txt")).payload == b"the new tree, changed"
+    wait_until(
+        lambda: client.get(server.uri("d0/f0.txt")).payload == b"the new tree, changed",
+        what="a change in the new root is served",
     )
 
 
@@ -278,11 +238,11 @@ def test_root_given_with_dot_dot_still_sees_changes(client, tree):
     """`coap-fileserver sub/..`: change reports name the normalised path; they must still land."""
     server = InProcess(client, tree / "d0" / "..")
     try:
-        assert get(client, server.uri("d1/f1.txt")).code == codes.CONTENT
+        assert client.get(server.uri("d1/f1.txt")).code == codes.CONTENT
         obs = Observer(client, server.uri("d1/f1.txt"))
         (tree / "d1" / "f1.txt").write_text("seen through a root with ..")
         assert obs.wait_for(lambda m: m.payload == b"seen through a root with ..") is not None
-        assert get(client, server.uri("d1/f1.txt")).payload == b"seen through a root with .."
+        assert client.get(server.uri("d1/f1.txt")).payload == b"seen through a root with .."
         obs.cancel()
     finally:
         server.close()

@@ -22,7 +22,7 @@ from coapfs.config import (
 from coapfs.config.schema import iter_keys
 from coapfs.daemon.preflight import check_environment
 
-REPO = Path(__file__).resolve().parent.parent
+from support.repo import REPO
 
 
 def write(path: Path, text: str) -> Path:

@@ -11,7 +11,7 @@ from coapfs.config import Config
 from coapfs.transport import context
 from coapfs.protocol.resource import FileService
 
-from conftest import free_udp_port, get
+from support.ports import free_udp_port
 
 
 def test_context_renders_with_the_cheap_task_name(client, tmp_path):
@@ -26,7 +26,7 @@ def test_context_renders_with_the_cheap_task_name(client, tmp_path):
     ctx = client.run(context.server_context(site, ns, guards))
     try:
         assert ctx.render_to_pipe.__func__ is context._render_to_pipe
-        r = get(client, f"coap://127.0.0.1:{port}/f.txt")
+        r = client.get(f"coap://127.0.0.1:{port}/f.txt")
         assert r.code == codes.CONTENT and r.payload == b"via the tuned context"
         bad = client.request(
             aiocoap.Message(code=aiocoap.GET, uri=f"coap://127.0.0.1:{port}/f.txt/")

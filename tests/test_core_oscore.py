@@ -9,7 +9,7 @@ import aiocoap
 import pytest
 from aiocoap.numbers import codes
 
-from conftest import Client
+from support.client import Client
 
 
 def write_context(directory: Path, sender: str, recipient: str, secret: str) -> None:

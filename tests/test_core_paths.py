@@ -15,7 +15,7 @@ from aiocoap.numbers import codes
 
 from coapfs.tree.root import Root
 
-from conftest import IN_CI, get
+from support.tools import IN_CI
 
 SECRET = b"outside-the-root-secret-7f3a"
 
@@ -80,7 +80,7 @@ def test_malformed_paths_are_4_00_for_every_method(client, start_server, layout,
         assert_clean(r)
     assert (outside / "secret.txt").read_bytes() == SECRET
     assert sorted(p.name for p in outside.iterdir()) == ["secret.txt"]
-    assert get(client, server.uri("plain.txt")).payload == b"plain"
+    assert client.get(server.uri("plain.txt")).payload == b"plain"
 
 
 def test_double_slash_cannot_write_outside(client, start_server, layout, tmp_path):
@@ -125,9 +125,9 @@ def test_symlinks_cannot_be_written_through(client, start_server, layout):
 def test_symlinks_inside_the_root_are_followed(client, start_server, layout):
     root, _ = layout
     server = start_server(root)
-    assert get(client, server.uri("link-in-file")).payload == b"inside"
-    assert get(client, server.uri("link-in-dir/file.txt")).payload == b"inside"
-    listing = get(client, server.uri("")).payload.decode()
+    assert client.get(server.uri("link-in-file")).payload == b"inside"
+    assert client.get(server.uri("link-in-dir/file.txt")).payload == b"inside"
+    listing = client.get(server.uri("")).payload.decode()
     assert "</link-in-file>" in listing and "</link-in-dir/>;ct=40" in listing
     for hidden in ("link-out", "dangling", "fifo", "hidden"):
         assert hidden not in listing
@@ -137,7 +137,7 @@ def test_hidden_names_are_neither_listed_nor_served(client, start_server, layout
     root, _ = layout
     server = start_server(root)
     for path in (".hidden", ".hiddendir/", ".hiddendir/x", "dir/.missing"):
-        r = get(client, server.uri(path))
+        r = client.get(server.uri(path))
         assert r.code == codes.NOT_FOUND, path
 
 
@@ -155,10 +155,10 @@ def test_fifo_socket_and_device_are_4_04_promptly(client, start_server, layout, 
     try:
         for name in names:
             started = time.monotonic()
-            r = get(client, server.uri(name))
+            r = client.get(server.uri(name))
             assert r.code == codes.NOT_FOUND, name
             assert time.monotonic() - started < 10
-        assert get(client, server.uri("plain.txt")).payload == b"plain"
+        assert client.get(server.uri("plain.txt")).payload == b"plain"
     finally:
         sock.close()
 
@@ -174,7 +174,7 @@ def test_os_errors_are_4_xx(client, start_server, layout):
         "x" * 300: codes.BAD_REQUEST,
     }
     for path, code in cases.items():
-        r = get(client, server.uri(path))
+        r = client.get(server.uri(path))
         assert r.code == code, (path, r, r.payload)
         assert_clean(r)
     assert_clean(request(client, server, aiocoap.PUT, ("plain.txt", "x"), payload=b"x"))

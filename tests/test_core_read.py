@@ -15,8 +15,6 @@ from aiocoap.numbers import ContentFormat, codes
 from aiocoap.optiontypes import BlockOption
 from aiocoap.util.linkformat import parse
 
-from conftest import get
-
 ODD_NAMES = ["a, b>c.txt", "semi;colon", 'quote"d', "spa ce", "ümlaut-€.txt", "pct%41", "q?x#y"]
 
 
@@ -45,7 +43,7 @@ def server(tree, start_module_server):
 
 
 def test_small_file_with_content_format_and_etag(client, server):
-    r = get(client, server.uri("hello.txt"))
+    r = client.get(server.uri("hello.txt"))
     assert r.code == codes.CONTENT
     assert r.payload == b"Hello, CoAP!\n"
     assert r.opt.content_format == ContentFormat.TEXT
@@ -54,17 +52,17 @@ def test_small_file_with_content_format_and_etag(client, server):
 
 
 def test_content_formats(client, server):
-    assert get(client, server.uri("data.json")).opt.content_format == ContentFormat.JSON
-    assert get(client, server.uri("noext")).opt.content_format is None
+    assert client.get(server.uri("data.json")).opt.content_format == ContentFormat.JSON
+    assert client.get(server.uri("noext")).opt.content_format is None
 
 
 def test_empty_file(client, server):
-    r = get(client, server.uri("empty"))
+    r = client.get(server.uri("empty"))
     assert r.code == codes.CONTENT and r.payload == b""
 
 
 def test_multi_block_file_assembled_by_aiocoap(client, server, tree):
-    r = get(client, server.uri("big.bin"))
+    r = client.get(server.uri("big.bin"))
     assert r.code == codes.CONTENT
     assert (
         hashlib.sha256(r.payload).digest()
@@ -77,8 +75,7 @@ def test_any_block_size_and_any_block_cold(client, server, tree, szx):
     data = (tree / "big.bin").read_bytes()
     size = 2 ** (szx + 4)
     for num in (0, 1, 7, (len(data) - 1) // size):
-        r = get(
-            client,
+        r = client.get(
             server.uri("big.bin"),
             block2=BlockOption.BlockwiseTuple(num, False, szx),
         )
@@ -92,13 +89,13 @@ def test_any_block_size_and_any_block_cold(client, server, tree, szx):
 
 
 def test_block_beyond_end_is_bad_option(client, server):
-    r = get(client, server.uri("hello.txt"), block2=BlockOption.BlockwiseTuple(5, False, 0))
+    r = client.get(server.uri("hello.txt"), block2=BlockOption.BlockwiseTuple(5, False, 0))
     assert r.code == codes.BAD_OPTION
     assert r.payload
 
 
 def test_listing_parses_back_and_odd_names_round_trip(client, server, tree):
-    r = get(client, server.uri("sub/"))
+    r = client.get(server.uri("sub/"))
     assert r.code == codes.CONTENT
     assert r.opt.content_format == ContentFormat.LINKFORMAT
     assert r.opt.etag is not None
@@ -109,44 +106,44 @@ def test_listing_parses_back_and_odd_names_round_trip(client, server, tree):
     assert set(files) == {"inner.txt", *ODD_NAMES}
     for name, href in files.items():
         # The href, resolved against the server, fetches that very file.
-        fetched = get(client, server.base + href)
+        fetched = client.get(server.base + href)
         assert fetched.code == codes.CONTENT, (name, fetched)
         assert fetched.payload == (tree / "sub" / name).read_bytes()
 
 
 def test_root_listing(client, server):
-    r = get(client, server.base + "/")
+    r = client.get(server.base + "/")
     hrefs = {link.href for link in parse(r.payload.decode()).links}
     assert {"/hello.txt", "/sub/", "/many/", "/big.bin"} <= hrefs
 
 
 def test_large_listing_any_block_cold(client, server):
-    whole = get(client, server.uri("many/"))
+    whole = client.get(server.uri("many/"))
     assert len(parse(whole.payload.decode()).links) == 300
     assert len(whole.payload) > 1024
     for num in (2, 1, 0):
-        r = get(client, server.uri("many/"), block2=BlockOption.BlockwiseTuple(num, False, 6))
+        r = client.get(server.uri("many/"), block2=BlockOption.BlockwiseTuple(num, False, 6))
         assert r.code == codes.CONTENT
         assert r.payload == whole.payload[num * 1024 : (num + 1) * 1024]
         assert r.opt.etag == whole.opt.etag
 
 
 def test_etag_revalidation(client, server, tree):
-    first = get(client, server.uri("hello.txt"))
-    again = get(client, server.uri("hello.txt"), etag=first.opt.etag)
+    first = client.get(server.uri("hello.txt"))
+    again = client.get(server.uri("hello.txt"), etag=first.opt.etag)
     assert again.code == codes.VALID and again.payload == b"" and again.opt.etag == first.opt.etag
-    other = get(client, server.uri("hello.txt"), etag=b"\x00" * 8)
+    other = client.get(server.uri("hello.txt"), etag=b"\x00" * 8)
     assert other.code == codes.CONTENT
-    listing = get(client, server.uri("sub/"))
-    assert get(client, server.uri("sub/"), etag=listing.opt.etag).code == codes.VALID
+    listing = client.get(server.uri("sub/"))
+    assert client.get(server.uri("sub/"), etag=listing.opt.etag).code == codes.VALID
 
 
 def test_etag_changes_when_file_changes(client, start_server, tmp_path):
     (tmp_path / "f").write_text("one")
     server = start_server(tmp_path)
-    first = get(client, server.uri("f"))
+    first = client.get(server.uri("f"))
     (tmp_path / "f").write_text("two")
-    second = get(client, server.uri("f"), etag=first.opt.etag)
+    second = client.get(server.uri("f"), etag=first.opt.etag)
     assert second.code == codes.CONTENT and second.payload == b"two"
     assert second.opt.etag != first.opt.etag
 
@@ -155,20 +152,20 @@ def test_etag_changes_when_file_changes(client, start_server, tmp_path):
 def test_etag_length(client, start_server, tmp_path, length):
     (tmp_path / "f").write_text("x")
     server = start_server(tmp_path, "--etag-length", str(length))
-    r = get(client, server.uri("f"))
+    r = client.get(server.uri("f"))
     if length == 0:
         assert r.opt.etag is None
-        assert get(client, server.uri(""), etag=b"\x01").code == codes.CONTENT
-        refused = get(client, server.uri("f"), if_match=[b"\x01"])
+        assert client.get(server.uri(""), etag=b"\x01").code == codes.CONTENT
+        refused = client.get(server.uri("f"), if_match=[b"\x01"])
         assert refused.code == codes.PRECONDITION_FAILED
         assert b"ETags are disabled" in refused.payload
     else:
         assert len(r.opt.etag) == length
-        assert get(client, server.uri("f"), etag=r.opt.etag).code == codes.VALID
+        assert client.get(server.uri("f"), etag=r.opt.etag).code == codes.VALID
 
 
 def test_well_known_core_links_the_file_service(client, server):
-    r = get(client, server.uri(".well-known/core"))
+    r = client.get(server.uri(".well-known/core"))
     assert r.code == codes.CONTENT and r.opt.content_format == ContentFormat.LINKFORMAT
     (link,) = parse(r.payload.decode()).links
     assert link.href == "/" and link.ct == ["40"]
@@ -180,7 +177,7 @@ def test_well_known_core_links_the_file_service(client, server):
     [("sub", "trailing slash"), ("hello.txt/", "strip the trailing slash")],
 )
 def test_trailing_slash_mismatch_is_4_00_with_hint(client, server, path, hint):
-    r = get(client, server.uri(path))
+    r = client.get(server.uri(path))
     assert r.code == codes.BAD_REQUEST
     assert hint in r.payload.decode()
 

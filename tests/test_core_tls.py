@@ -3,7 +3,6 @@ transport listens one port above the CoAP port."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,19 +11,16 @@ import aiocoap.credentials
 import pytest
 from aiocoap.numbers import codes
 
-from conftest import IN_CI
+from support.tools import require
 
 
 @pytest.fixture
 def certificate(tmp_path: Path) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        if IN_CI:
-            pytest.fail("openssl is needed to make the test certificate")
-        pytest.skip("openssl is not installed")
+    openssl = require("openssl", "apt-get install openssl; it makes the test certificate")
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
         [
-            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+            openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
             "-keyout", str(key), "-out", str(cert), "-days", "2", "-nodes",
             "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
         ],

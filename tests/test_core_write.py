@@ -13,7 +13,7 @@ from aiocoap.numbers import codes
 
 from coapfs.tree.hidden import SPOOL_PREFIX
 
-from conftest import get
+from support.files import spool_files
 
 
 @pytest.fixture
@@ -29,68 +29,56 @@ def server(root, start_server):
     return start_server(root, "--write")
 
 
-def put(client, uri: str, payload: bytes, **options) -> aiocoap.Message:
-    return client.request(aiocoap.Message(code=aiocoap.PUT, uri=uri, payload=payload, **options))
-
-
-def delete(client, uri: str, **options) -> aiocoap.Message:
-    return client.request(aiocoap.Message(code=aiocoap.DELETE, uri=uri, **options))
-
-
-def no_spool_files(root: Path) -> bool:
-    return not [p for p in root.rglob("*") if p.name.startswith(SPOOL_PREFIX)]
-
-
 def test_put_creates_with_2_01_and_etag(client, server, root):
-    r = put(client, server.uri("new.txt"), b"fresh")
+    r = client.put(server.uri("new.txt"), b"fresh")
     assert r.code == codes.CREATED
     assert (root / "new.txt").read_bytes() == b"fresh"
-    assert r.opt.etag == get(client, server.uri("new.txt")).opt.etag
-    assert no_spool_files(root)
+    assert r.opt.etag == client.get(server.uri("new.txt")).opt.etag
+    assert not spool_files(root)
 
 
 def test_put_replaces_with_2_04_and_new_etag(client, server, root):
-    before = get(client, server.uri("existing.txt")).opt.etag
-    r = put(client, server.uri("existing.txt"), b"new content")
+    before = client.get(server.uri("existing.txt")).opt.etag
+    r = client.put(server.uri("existing.txt"), b"new content")
     assert r.code == codes.CHANGED
-    assert r.opt.etag != before and r.opt.etag == get(client, server.uri("existing.txt")).opt.etag
+    assert r.opt.etag != before and r.opt.etag == client.get(server.uri("existing.txt")).opt.etag
     assert (root / "existing.txt").read_bytes() == b"new content"
 
 
 def test_put_keeps_permissions_of_replaced_file(client, server, root):
     os.chmod(root / "existing.txt", 0o640)
-    assert put(client, server.uri("existing.txt"), b"x").code == codes.CHANGED
+    assert client.put(server.uri("existing.txt"), b"x").code == codes.CHANGED
     assert (root / "existing.txt").stat().st_mode & 0o777 == 0o640
 
 
 def test_put_large_payload_block_wise(client, server, root):
     data = os.urandom(50_000)
-    assert put(client, server.uri("dir/large.bin"), data).code == codes.CREATED
+    assert client.put(server.uri("dir/large.bin"), data).code == codes.CREATED
     assert (root / "dir" / "large.bin").read_bytes() == data
-    assert get(client, server.uri("dir/large.bin")).payload == data
-    assert no_spool_files(root)
+    assert client.get(server.uri("dir/large.bin")).payload == data
+    assert not spool_files(root)
 
 
 def test_if_none_match(client, server, root):
-    r = put(client, server.uri("existing.txt"), b"x", if_none_match=True)
+    r = client.put(server.uri("existing.txt"), b"x", if_none_match=True)
     assert r.code == codes.PRECONDITION_FAILED and r.payload
     assert (root / "existing.txt").read_text() == "old"
-    assert put(client, server.uri("brand-new"), b"y", if_none_match=True).code == codes.CREATED
-    assert no_spool_files(root)
+    assert client.put(server.uri("brand-new"), b"y", if_none_match=True).code == codes.CREATED
+    assert not spool_files(root)
 
 
 def test_if_match(client, server, root):
-    etag = get(client, server.uri("existing.txt")).opt.etag
-    bad = put(client, server.uri("existing.txt"), b"x", if_match=[b"\x00" * 8])
+    etag = client.get(server.uri("existing.txt")).opt.etag
+    bad = client.put(server.uri("existing.txt"), b"x", if_match=[b"\x00" * 8])
     assert bad.code == codes.PRECONDITION_FAILED
     assert (root / "existing.txt").read_text() == "old"
-    assert put(client, server.uri("existing.txt"), b"x", if_match=[etag]).code == codes.CHANGED
+    assert client.put(server.uri("existing.txt"), b"x", if_match=[etag]).code == codes.CHANGED
     # The old ETag no longer matches.
-    assert put(client, server.uri("existing.txt"), b"y", if_match=[etag]).code == (
+    assert client.put(server.uri("existing.txt"), b"y", if_match=[etag]).code == (
         codes.PRECONDITION_FAILED
     )
     # An empty If-Match means "exists".
-    assert put(client, server.uri("existing.txt"), b"z", if_match=[b""]).code == codes.CHANGED
+    assert client.put(server.uri("existing.txt"), b"z", if_match=[b""]).code == codes.CHANGED
     assert (root / "existing.txt").read_text() == "z"
 
 
@@ -106,48 +94,48 @@ def test_if_match_on_missing_file_fails_for_put_and_delete(client, server, root)
 
 
 def test_delete(client, server, root):
-    etag = get(client, server.uri("existing.txt")).opt.etag
-    assert delete(client, server.uri("existing.txt"), if_match=[b"nope"]).code == (
+    etag = client.get(server.uri("existing.txt")).opt.etag
+    assert client.delete(server.uri("existing.txt"), if_match=[b"nope"]).code == (
         codes.PRECONDITION_FAILED
     )
     assert (root / "existing.txt").exists()
-    assert delete(client, server.uri("existing.txt"), if_match=[etag]).code == codes.DELETED
+    assert client.delete(server.uri("existing.txt"), if_match=[etag]).code == codes.DELETED
     assert not (root / "existing.txt").exists()
-    r = delete(client, server.uri("existing.txt"))
+    r = client.delete(server.uri("existing.txt"))
     assert r.code == codes.NOT_FOUND and r.payload
 
 
 def test_directories_are_neither_deleted_nor_overwritten(client, server, root):
     for r in (
-        delete(client, server.uri("dir")),
-        delete(client, server.uri("dir/")),
-        put(client, server.uri("dir"), b"x"),
-        put(client, server.uri("dir/"), b"x"),
+        client.delete(server.uri("dir")),
+        client.delete(server.uri("dir/")),
+        client.put(server.uri("dir"), b"x"),
+        client.put(server.uri("dir/"), b"x"),
     ):
         assert r.code == codes.BAD_REQUEST and r.payload
-    assert b"not created over CoAP" in put(client, server.uri("dir"), b"x").payload
-    assert b"not deleted over CoAP" in delete(client, server.uri("dir")).payload
+    assert b"not created over CoAP" in client.put(server.uri("dir"), b"x").payload
+    assert b"not deleted over CoAP" in client.delete(server.uri("dir")).payload
     assert (root / "dir").is_dir()
 
 
 def test_put_into_missing_directory_is_4_04(client, server, root):
-    r = put(client, server.uri("nodir/file"), b"x")
+    r = client.put(server.uri("nodir/file"), b"x")
     assert r.code == codes.NOT_FOUND and r.payload
     assert not (root / "nodir").exists()
-    r = put(client, server.uri("existing.txt/file"), b"x")
+    r = client.put(server.uri("existing.txt/file"), b"x")
     assert r.code == codes.NOT_FOUND
 
 
 def test_read_only_server_answers_4_05(client, start_server, root):
     server = start_server(root)
-    assert put(client, server.uri("new"), b"x").code == codes.METHOD_NOT_ALLOWED
-    assert delete(client, server.uri("existing.txt")).code == codes.METHOD_NOT_ALLOWED
+    assert client.put(server.uri("new"), b"x").code == codes.METHOD_NOT_ALLOWED
+    assert client.delete(server.uri("existing.txt")).code == codes.METHOD_NOT_ALLOWED
     assert not (root / "new").exists() and (root / "existing.txt").exists()
 
 
 def test_put_to_a_hidden_name_is_refused(client, server, root):
-    assert put(client, server.uri(".hidden"), b"x").code == codes.NOT_FOUND
-    assert put(client, server.uri(SPOOL_PREFIX + "x"), b"x").code == codes.NOT_FOUND
+    assert client.put(server.uri(".hidden"), b"x").code == codes.NOT_FOUND
+    assert client.put(server.uri(SPOOL_PREFIX + "x"), b"x").code == codes.NOT_FOUND
     assert not (root / ".hidden").exists()
 
 

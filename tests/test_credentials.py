@@ -7,8 +7,6 @@ stock Debian 13 where lakers-python is not packaged; the in-process cases use wh
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,8 +16,9 @@ import pytest
 
 from coapfs.daemon.credentials import CredentialsError, lakers_available, prepare_credentials
 
-IN_CI = os.environ.get("CI") == "true"
-REPO = Path(__file__).resolve().parent.parent
+from support.ports import free_udp_port
+from support.repo import REPO, environment
+from support.tools import missing
 
 # Refuses `lakers` the way a missing installation does, then runs the given test body.
 NO_LAKERS_PRELUDE = """
@@ -34,12 +33,6 @@ class RefuseLakers:
 sys.meta_path.insert(0, RefuseLakers())
 sys.modules.pop("lakers", None)
 """
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def oscore_pair(tmp: Path, client_secret: str = "correct horse battery") -> tuple[Path, Path]:
@@ -64,13 +57,12 @@ def write_json(path: Path, data: object) -> Path:
 
 def run_without_lakers(body: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     script = NO_LAKERS_PRELUDE + textwrap.dedent(body)
-    env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run(
         [sys.executable, "-c", script, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env,
+        env=environment(),
         cwd=REPO,
     )
 
@@ -211,11 +203,8 @@ def test_edhoc_without_lakers_is_one_clear_error(tmp_path: Path) -> None:
 
 def require_lakers() -> None:
     """The EDHOC-present cases need lakers-python; under CI its absence is a failure."""
-    if lakers_available():
-        return
-    if IN_CI:
-        pytest.fail("lakers-python is not installed (needed to test EDHOC with lakers)")
-    pytest.skip("lakers-python is not installed")
+    if not lakers_available():
+        missing("lakers-python is not installed (needed to test EDHOC with lakers)")
 
 
 def test_edhoc_accepted_and_lakers_untouched_where_installed(tmp_path: Path) -> None:

@@ -4,10 +4,8 @@ notified block-wise; and the cache never serves what a processed change made sta
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -17,73 +15,8 @@ from aiocoap.numbers import codes
 from aiocoap.optiontypes import BlockOption
 from aiocoap.util.linkformat import parse
 
-from conftest import Client, get
-
-
-class Observer:
-    """An observation from the real aiocoap client, recording every notification."""
-
-    def __init__(self, client: Client, uri: str, *, blockwise: bool = True) -> None:
-        self.client = client
-        self.notifications: list[aiocoap.Message] = []
-        self.ended: Exception | None = None
-        self._changed = threading.Condition()
-
-        async def start() -> aiocoap.Message:
-            self.request = client.context.request(
-                aiocoap.Message(code=aiocoap.GET, uri=uri, observe=0), handle_blockwise=blockwise
-            )
-            first = await self.request.response
-            self.task = asyncio.ensure_future(self._consume())
-            return first
-
-        self.first = client.run(start())
-
-    async def _consume(self) -> None:
-        try:
-            async for message in self.request.observation:
-                self._notified(message)
-        except Exception as e:
-            self._ended(e)
-        else:
-            self._ended(StopAsyncIteration())
-
-    def _notified(self, message: aiocoap.Message) -> None:
-        with self._changed:
-            self.notifications.append(message)
-            self._changed.notify_all()
-
-    def _ended(self, exception: Exception) -> None:
-        with self._changed:
-            self.ended = exception
-            self._changed.notify_all()
-
-    def wait_for(self, predicate, timeout: float = 10) -> aiocoap.Message | None:
-        """The first notification satisfying `predicate` (or the latest, when it is None)."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for m in self.notifications:
-                    if predicate is None or predicate(m):
-                        return m
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return None
-                self._changed.wait(remaining)
-
-    def wait_ended(self, timeout: float = 10) -> bool:
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while self.ended is None and time.monotonic() < deadline:
-                self._changed.wait(0.1)
-            return self.ended is not None
-
-    def cancel(self) -> None:
-        async def cancel() -> None:
-            self.request.observation.cancel()
-            self.task.cancel()
-
-        self.client.run(cancel())
+from support.observer import Observer
+from support.polling import wait_until
 
 
 @pytest.fixture
@@ -106,7 +39,7 @@ def test_write_and_close_notifies_with_new_content_and_etag(client, server, root
     n = obs.wait_for(lambda m: m.payload == b"version 2")
     assert n is not None, obs.notifications
     assert n.opt.etag != obs.first.opt.etag
-    assert get(client, server.uri("file.txt")).payload == b"version 2"
+    assert client.get(server.uri("file.txt")).payload == b"version 2"
     obs.cancel()
 
 
@@ -149,7 +82,7 @@ def test_a_burst_of_1000_files_gives_a_bounded_handful_of_notifications(client, 
     obs = Observer(client, server.uri("dir/"), blockwise=False)
     for f in sorted(src.iterdir()):
         shutil.copy(f, root / "dir" / f.name)
-    final = get(client, server.uri("dir/"))
+    final = client.get(server.uri("dir/"))
     assert len(parse(final.payload.decode()).links) == 1000
     assert obs.wait_for(lambda m: m.opt.etag == final.opt.etag, timeout=10) is not None, (
         "the last notification carries the complete listing"
@@ -178,28 +111,28 @@ def test_large_listing_notifications_come_block_wise(client, server, root):
 
 def test_change_during_block_wise_transfer_shows_as_new_etag(client, server, root):
     (root / "big.bin").write_bytes(os.urandom(200_000))
-    first = get(client, server.uri("big.bin"), block2=BlockOption.BlockwiseTuple(0, False, 6))
+    first = client.get(server.uri("big.bin"), block2=BlockOption.BlockwiseTuple(0, False, 6))
     with open(root / "big.bin", "r+b") as f:
         f.write(b"changed")
-    second = get(client, server.uri("big.bin"), block2=BlockOption.BlockwiseTuple(1, False, 6))
+    second = client.get(server.uri("big.bin"), block2=BlockOption.BlockwiseTuple(1, False, 6))
     assert second.opt.etag != first.opt.etag
 
 
 def test_cached_listing_and_file_never_outlive_a_change(client, server, root):
     for round_ in range(20):
-        listing = get(client, server.uri("dir/")).payload
-        content = get(client, server.uri("file.txt")).payload
+        listing = client.get(server.uri("dir/")).payload
+        content = client.get(server.uri("file.txt")).payload
         assert content == f"round {round_ - 1}".encode() if round_ else b"version 1"
         assert f"</dir/r{round_}>".encode() not in listing
         (root / "dir" / f"r{round_}").write_text("x")
         (root / "file.txt").write_text(f"round {round_}")
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            if f"</dir/r{round_}>".encode() in get(client, server.uri("dir/")).payload:
-                break
-        else:
-            pytest.fail("the new entry never appeared in the listing")
-        assert get(client, server.uri("file.txt")).payload == f"round {round_}".encode()
+        entry = f"</dir/r{round_}>".encode()
+        wait_until(
+            lambda entry=entry: entry in client.get(server.uri("dir/")).payload,
+            what="the new entry appears in the listing",
+            interval=0,
+        )
+        assert client.get(server.uri("file.txt")).payload == f"round {round_}".encode()
 
 
 def test_poll_mode_by_configuration_keeps_responses_and_observe_correct(
@@ -208,11 +141,11 @@ def test_poll_mode_by_configuration_keeps_responses_and_observe_correct(
     config = tmp_path / "poll.toml"
     config.write_text('[cache]\nmode = "poll"\npoll_interval = 0.2\n')
     server = start_server(root, "--config", str(config))
-    assert get(client, server.uri("file.txt")).payload == b"version 1"
+    assert client.get(server.uri("file.txt")).payload == b"version 1"
     obs = Observer(client, server.uri("file.txt"))
     (root / "file.txt").write_text("polled change")
     # Without inotify the server validates by stat on every request...
-    assert get(client, server.uri("file.txt")).payload == b"polled change"
+    assert client.get(server.uri("file.txt")).payload == b"polled change"
     # ...and notifies observers from its polling.
     assert obs.wait_for(lambda m: m.payload == b"polled change") is not None
     obs.cancel()

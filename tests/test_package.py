@@ -1,7 +1,8 @@
 """The Debian package in a real systemd (issue 5): install, serve, sandbox, reload, watchdog, write,
 purge, and an OSCORE-protected GET, all inside a booted Debian 13 container.
 
-The steps share one container and run in file order, each leaving the service running with a
+The steps run in file order in the session's one container (conftest's `system`, shared with
+tests/test_unit_file.py, whose checks run before them), each leaving the service running with a
 valid configuration for the next. Everything talks over the container's own loopback
 (--private-network): the service's port 5683 never meets the host's.
 """
@@ -11,17 +12,15 @@ from __future__ import annotations
 import json
 import shlex
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
+import container
 import pytest
+import systemtest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "packaging"))
-import container  # noqa: E402
-import systemtest  # noqa: E402
+from support.polling import wait_until
 
+pytestmark = pytest.mark.system
 UNIT = systemtest.UNIT
 CONFIG = "/etc/coap-fileserver.toml"
 CONFIG_DIR = "/etc/coap-fileserver.d"
@@ -62,17 +61,10 @@ CLIENT_PATH = "/root/coap-get.py"
 
 
 @pytest.fixture(scope="module")
-def system() -> Iterator[container.Container]:
-    reason = systemtest.root_required()
-    if reason:
-        pytest.skip(reason)
-    started = time.monotonic()
-    deb = systemtest.built_deb()
-    with systemtest.installed_system(deb) as booted:
-        booted.path(CLIENT_PATH).write_text(CLIENT)
-        container.log(f"system test ready after {time.monotonic() - started:.0f} s")
-        yield booted
-    container.log(f"system test done after {time.monotonic() - started:.0f} s")
+def system(system: container.Container) -> container.Container:
+    """The session's booted system (conftest), with the aiocoap client script in place."""
+    system.path(CLIENT_PATH).write_text(CLIENT)
+    return system
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -103,15 +95,6 @@ def diagnostics(system: container.Container) -> str:
     status = system.run(["systemctl", "status", "--no-pager", "--lines=0", UNIT], check=False)
     journal = system.run(["journalctl", "-u", UNIT, "--no-pager", "-n", "40"], check=False)
     return f"\n--- systemctl status\n{status.stdout}\n--- journal\n{journal.stdout}"
-
-
-def wait_until(check: Callable[[], bool], timeout: float, what: str, system: container.Container):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.5)
-    pytest.fail(f"not within {timeout} s: {what}{diagnostics(system)}")
 
 
 def coap_client(system: container.Container, *args: str) -> subprocess.CompletedProcess[str]:
@@ -288,7 +271,13 @@ def test_5_watchdog_restarts_a_stopped_daemon(system: container.Container) -> No
             and int(prop(system, "MainPID")) not in (0, pid)
         )
 
-    wait_until(restarted, 60, "the watchdog restarts the daemon", system)
+    wait_until(
+        restarted,
+        60,
+        what="the watchdog restarts the daemon",
+        interval=0.5,
+        details=lambda: diagnostics(system),
+    )
     container.log(f"watchdog restart after {time.monotonic() - started:.1f} s")
     assert coap_client_get(system, "coap://[::1]/hello.txt") == "hello from the package\n"
 

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import socket
-import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiocoap
@@ -23,92 +20,39 @@ import pytest
 
 from coapfs.tree.hidden import SPOOL_PREFIX
 
-from conftest import IN_CI, Client, Server
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
-import coapmsg  # noqa: E402  (the benchmark's raw CoAP codec: malformed requests, as written)
-
-GET, POST, PUT, DELETE, FETCH, PATCH, IPATCH = 1, 2, 3, 4, 5, 6, 7
-CON, ACK = 0, 2
-IF_MATCH, URI_HOST, ETAG, IF_NONE_MATCH, OBSERVE, URI_PORT = 1, 3, 4, 5, 6, 7
-OSCORE, URI_PATH, CONTENT_FORMAT, URI_QUERY, ACCEPT = 9, 11, 12, 15, 17
-BLOCK2, BLOCK1, SIZE2, PROXY_URI, PROXY_SCHEME, SIZE1 = 23, 27, 28, 35, 39, 60
-
-
-Options = Sequence[tuple[int, bytes]]
-
-
-uint, block = coapmsg.uint, coapmsg.block2  # a Block1 value is encoded as a Block2 one
-
-
-def path(*segments: str | bytes) -> list[tuple[int, bytes]]:
-    return [(URI_PATH, s.encode() if isinstance(s, str) else s) for s in segments]
-
-
-class Response:
-    """A parsed response: code (as "4.04"), options as (number, value) pairs, payload."""
-
-    def __init__(self, data: bytes) -> None:
-        m = coapmsg.parse(data)
-        self.mtype, self.raw_code, self.mid, self.token = m.mtype, m.code, m.mid, m.token
-        self.options, self.payload = m.options, m.payload
-        self.code = coapmsg.code_str(m.code)
-
-    def opt(self, number: int) -> bytes | None:
-        return next((v for n, v in self.options if n == number), None)
-
-    def __repr__(self) -> str:
-        return f"<{self.code} {self.options} {self.payload[:80]!r}>"
-
-
-class RawServer(Server):
-    """`python -m coapfs -vv` on a free loopback port (optionally under a wrapper command),
-    spoken to with hand-made datagrams."""
-
-    def __init__(self, root: Path, log: Path, *args: str, wrapper: Sequence[str] = ()) -> None:
-        super().__init__(root, "-vv", *args, log=log, wrapper=wrapper)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.mid = 0
-        deadline = time.monotonic() + 20
-        while self.request(GET, path(".well-known", "core"), timeout=0.5) is None:
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.log()
-
-    def request(
-        self, code: int, options: Options = (), payload: bytes = b"", *, timeout: float = 5.0
-    ) -> Response | None:
-        """One confirmable request; its response (piggybacked or separate), None on timeout."""
-        self.mid = (self.mid + 1) % 65536
-        token = os.urandom(4)
-        message = coapmsg.Message(CON, code, self.mid, token, list(options), payload)
-        self.sock.sendto(message.encode(), ("127.0.0.1", self.port))
-        return self.receive(token, timeout)
-
-    def receive(self, token: bytes, timeout: float) -> Response | None:
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            self.sock.settimeout(left)
-            try:
-                response = Response(self.sock.recv(65536))
-            except TimeoutError:
-                return None
-            if response.mtype == CON:  # a separate response or notification: acknowledge it
-                ack = bytes((0x40 | (ACK << 4), 0, response.mid >> 8, response.mid & 0xFF))
-                self.sock.sendto(ack, ("127.0.0.1", self.port))
-            if response.token == token and response.raw_code != 0:
-                return response
-        return None
-
-    log = Server.log_text
-
-    def assert_clean(self) -> None:
-        log = self.log()
-        assert "Traceback" not in log and " ERROR " not in log, log
-        assert self.proc.poll() is None, log
-
-    def stop(self) -> None:
-        self.sock.close()
-        super().stop()
+from support.client import Client
+from support.files import spool_files
+from support.raw import (
+    ACCEPT,
+    BLOCK1,
+    BLOCK2,
+    CONTENT_FORMAT,
+    DELETE,
+    ETAG,
+    FETCH,
+    GET,
+    IF_MATCH,
+    IF_NONE_MATCH,
+    IPATCH,
+    OBSERVE,
+    OSCORE,
+    PATCH,
+    POST,
+    PROXY_SCHEME,
+    PROXY_URI,
+    PUT,
+    SIZE1,
+    URI_HOST,
+    URI_PORT,
+    URI_QUERY,
+    Options,
+    RawServer,
+    Response,
+    block,
+    path,
+    uint,
+)
+from support.tools import require
 
 
 def answered(response: Response | None, *codes: str) -> Response:
@@ -118,10 +62,6 @@ def answered(response: Response | None, *codes: str) -> Response:
     if response.code[0] in "45":
         assert response.payload, f"{response.code} without a diagnostic"
     return response
-
-
-def spools(root: Path) -> list[Path]:
-    return [p for p in root.rglob(f"{SPOOL_PREFIX}*")]
 
 
 def tree(top: Path) -> dict[str, bytes | None]:
@@ -150,9 +90,9 @@ def served(tmp_path: Path) -> Iterator[tuple[RawServer, Path, Path]]:
         yield server, root, outside
         server.assert_clean()
         assert tree(outside) == before
-        assert not spools(root)
+        assert not spool_files(root)
     finally:
-        server.stop()
+        server.close()
 
 
 # Observe only where it means something
@@ -315,11 +255,7 @@ def test_parallel_uploads_to_one_name_leave_one_whole_file(served, client: Clien
 
 def test_upload_beyond_the_space_left_is_4_13(tmp_path: Path) -> None:
     """The root is a 256 KiB tmpfs, mounted in a user and mount namespace of the server's own."""
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        if IN_CI:
-            pytest.fail("unshare (util-linux) is missing")
-        pytest.skip("unshare (util-linux) is missing")
+    unshare = require("unshare", "util-linux")
     root = tmp_path / "small"
     root.mkdir()
     mount = 'mount -t tmpfs -o size=256k coapfs-test "$0" && exec "$@"'
@@ -342,7 +278,7 @@ def test_upload_beyond_the_space_left_is_4_13(tmp_path: Path) -> None:
         answered(server.request(GET, path("")), "2.05")
         server.assert_clean()
     finally:
-        server.stop()
+        server.close()
 
 
 # A sweep of odd requests: each answered, nothing leaks
@@ -444,11 +380,7 @@ def test_unreadable_directory_is_4_03(tmp_path: Path) -> None:
     (root / "locked").chmod(0)
     wrapper: list[str] = []
     if os.geteuid() == 0:
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            if IN_CI:
-                pytest.fail("setpriv (util-linux) is missing")
-            pytest.skip("setpriv (util-linux) is missing")
+        setpriv = require("setpriv", "util-linux")
         caps = "-dac_override,-dac_read_search"
         wrapper = [setpriv, "--bounding-set", caps, "--inh-caps", caps]
     server = RawServer(root, tmp_path / "server.log", "--write", wrapper=wrapper)
@@ -460,7 +392,7 @@ def test_unreadable_directory_is_4_03(tmp_path: Path) -> None:
         answered(server.request(GET, path("")), "2.05")
         server.assert_clean()
     finally:
-        server.stop()
+        server.close()
         (root / "locked").chmod(0o755)
 
 
@@ -488,4 +420,4 @@ def test_uri_path_that_is_not_utf8_is_answered_4_00_without_a_traceback(tmp_path
         assert "Traceback" not in server.log(), server.log()
         assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
     finally:
-        server.stop()
+        server.close()

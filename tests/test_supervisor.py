@@ -7,7 +7,6 @@ server actually does on the wire.
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import signal
@@ -21,109 +20,22 @@ import aiocoap
 import pytest
 from aiocoap.numbers.codes import Code
 
-from conftest import Client, free_udp_port
+from support.client import Client
+from support.polling import wait_until
+from support.ports import free_udp_port, port_is_bound
+from support.server import Server, Servers, run_coapfs
 
-REPO = Path(__file__).resolve().parent.parent
 EX_CONFIG = 78
 
 
-class NotifySocket:
-    """What systemd listens on: every datagram is kept, with the time it arrived."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.messages: list[tuple[float, dict[str, str]]] = []
-        self._next = 0  # messages before this index were already consumed by wait_for
-
-    def _receive(self, timeout: float) -> bool:
-        self.sock.settimeout(max(timeout, 0.001))
-        try:
-            data = self.sock.recv(4096)
-        except TimeoutError:
-            return False
-        fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-        self.messages.append((time.monotonic(), fields))
-        return True
-
-    def collect(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            self._receive(left)
-
-    def wait_for(self, key: str, timeout: float = 20) -> dict[str, str]:
-        """The next not yet consumed message that has `key` (messages before it are skipped)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for i in range(self._next, len(self.messages)):
-                if key in self.messages[i][1]:
-                    self._next = i + 1
-                    return self.messages[i][1]
-            self._next = len(self.messages)
-            left = deadline - time.monotonic()
-            assert left > 0, f"no {key} within {timeout} s; got {self.messages}"
-            self._receive(left)
-
-    def all(self, key: str) -> list[tuple[float, dict[str, str]]]:
-        return [(t, m) for t, m in self.messages if key in m]
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class Process:
-    """`python -m coapfs ARGS` with NOTIFY_SOCKET set; stderr goes to a file."""
-
-    def __init__(self, tmp_path: Path, args: list[str], env: dict[str, str] | None = None):
-        self.notify = NotifySocket(tmp_path / "notify.sock")
-        self.log_path = tmp_path / "server.log"
-        self._log = self.log_path.open("wb")
-        environment = {k: v for k, v in os.environ.items() if not k.startswith(("WATCHDOG_",))}
-        environment.pop("JOURNAL_STREAM", None)
-        environment.update(NOTIFY_SOCKET=str(self.notify.path), **(env or {}))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "coapfs", *args],
-            cwd=REPO,
-            env=environment,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def send(self, sig: int) -> None:
-        assert self.proc.poll() is None, self.log()
-        self.proc.send_signal(sig)
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        """Signal, expect STOPPING=1, return the exit status."""
-        self.send(sig)
-        self.notify.wait_for("STOPPING")
-        return self.proc.wait(20)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
-        self.notify.close()
-
-
 @pytest.fixture
-def process(tmp_path: Path):
-    started: list[Process] = []
+def process(start_server: Servers):
+    """Starts `python -m coapfs ARGS` with NOTIFY_SOCKET set (and `env`), not awaited."""
 
-    def start(args: list[str], env: dict[str, str] | None = None) -> Process:
-        p = Process(tmp_path, args, env)
-        started.append(p)
-        return p
+    def start(args: list[str], env: dict[str, str] | None = None) -> Server:
+        return start_server.start(*args, notify=True, env=env)
 
-    yield start
-    for p in started:
-        p.close()
-        assert "Traceback" not in p.log(), p.log()
+    return start
 
 
 @pytest.fixture
@@ -134,25 +46,8 @@ def root(tmp_path: Path) -> Path:
     return r
 
 
-def port_is_bound(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError as e:
-            assert e.errno == errno.EADDRINUSE
-            return True
-        return False
-
-
-def get(client: Client, port: int, path: str) -> aiocoap.Message:
-    uri = f"coap://127.0.0.1:{port}/{path}"
-    return client.request(aiocoap.Message(code=aiocoap.GET, uri=uri), timeout=20)
-
-
-def put(client: Client, port: int, path: str, payload: bytes) -> aiocoap.Message:
-    uri = f"coap://127.0.0.1:{port}/{path}"
-    msg = aiocoap.Message(code=aiocoap.PUT, uri=uri, payload=payload)
-    return client.request(msg, timeout=20)
+def uri(port: int, path: str) -> str:
+    return f"coap://127.0.0.1:{port}/{path}"
 
 
 def monotonic_usec() -> int:
@@ -170,7 +65,7 @@ def test_ready_only_when_serving_then_status_watchdog_and_clean_stop(
     ready = p.notify.wait_for("READY")
     # The moment READY=1 arrives the socket is bound and requests are answered.
     assert port_is_bound(port)
-    response = get(client, port, "a.txt")
+    response = client.get(uri(port, "a.txt"), timeout=20)
     assert response.code == Code.CONTENT and response.payload == b"hello\n"
     status = ready["STATUS"]
     assert str(root) in status and f"127.0.0.1:{port}" in status and "read-only" in status
@@ -196,7 +91,7 @@ def test_repeated_signals_during_stop_still_exit_0(process, root: Path, client: 
     port = free_udp_port()
     p = process(["--bind", f"127.0.0.1:{port}", str(root)])
     p.notify.wait_for("READY")
-    assert get(client, port, "a.txt").code == Code.CONTENT
+    assert client.get(uri(port, "a.txt"), timeout=20).code == Code.CONTENT
     p.send(signal.SIGTERM)
     p.notify.wait_for("STOPPING")
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
@@ -214,16 +109,16 @@ write = {write}
 
 
 def test_reload_applies_good_and_keeps_running_on_bad(
-    process, root: Path, tmp_path: Path, client: Client
+    process, start_server: Servers, root: Path, tmp_path: Path, client: Client
 ) -> None:
     conf = tmp_path / "server.toml"
     port, port2 = free_udp_port(), free_udp_port()
     conf.write_text(CONFIG.format(root=root, port=port, etag_length=8, write="false"))
-    log_stat = None
 
     # stderr is "the journal" for this run: JOURNAL_STREAM names the log file.
-    (tmp_path / "server.log").touch()
-    log_stat = os.stat(tmp_path / "server.log")
+    log = start_server.next_log()
+    log.touch()
+    log_stat = os.stat(log)
     p = process(
         ["--config", str(conf), "-v"],
         env={
@@ -233,8 +128,8 @@ def test_reload_applies_good_and_keeps_running_on_bad(
         },
     )
     p.notify.wait_for("READY")
-    assert len(get(client, port, "a.txt").opt.etag) == 8
-    assert put(client, port, "b.txt", b"one").code == Code.METHOD_NOT_ALLOWED
+    assert len(client.get(uri(port, "a.txt"), timeout=20).opt.etag) == 8
+    assert client.put(uri(port, "b.txt"), b"one", timeout=20).code == Code.METHOD_NOT_ALLOWED
 
     def reload() -> dict[str, str]:
         before = monotonic_usec()
@@ -250,8 +145,8 @@ def test_reload_applies_good_and_keeps_running_on_bad(
     conf.write_text(CONFIG.format(root=root, port=port, etag_length=2, write="true"))
     status = reload()["STATUS"]
     assert "read-write" in status and "FAILED" not in status
-    assert len(get(client, port, "a.txt").opt.etag) == 2
-    assert put(client, port, "b.txt", b"one").code == Code.CREATED
+    assert len(client.get(uri(port, "a.txt"), timeout=20).opt.etag) == 2
+    assert client.put(uri(port, "b.txt"), b"one", timeout=20).code == Code.CREATED
     assert (root / "b.txt").read_bytes() == b"one"
 
     # A bad edit: the old configuration stays in force, and STATUS= says why.
@@ -259,14 +154,14 @@ def test_reload_applies_good_and_keeps_running_on_bad(
     status = reload()["STATUS"]
     assert f"{conf}: etag_length = 99: expected an integer from 0 to 8" in status
     assert p.proc.poll() is None
-    assert len(get(client, port, "a.txt").opt.etag) == 2
-    assert put(client, port, "b.txt", b"two").code == Code.CHANGED
+    assert len(client.get(uri(port, "a.txt"), timeout=20).opt.etag) == 2
+    assert client.put(uri(port, "b.txt"), b"two", timeout=20).code == Code.CHANGED
 
     # So does a root that cannot be opened.
     conf.write_text(CONFIG.format(root=tmp_path / "gone", port=port, etag_length=2, write="true"))
     status = reload()["STATUS"]
     assert f'{conf}: root = "{tmp_path / "gone"}": No such file or directory' in status
-    assert get(client, port, "a.txt").payload == b"hello\n"
+    assert client.get(uri(port, "a.txt"), timeout=20).payload == b"hello\n"
 
     # Re-bind only what changed; a drop-in beside the file is read too.
     conf.write_text(CONFIG.format(root=root, port=port2, etag_length=2, write="true"))
@@ -275,8 +170,8 @@ def test_reload_applies_good_and_keeps_running_on_bad(
     status = reload()["STATUS"]
     assert f"127.0.0.1:{port2}" in status and "read-only" in status and "FAILED" not in status
     assert not port_is_bound(port)
-    assert get(client, port2, "b.txt").payload == b"two"
-    assert put(client, port2, "b.txt", b"three").code == Code.METHOD_NOT_ALLOWED
+    assert client.get(uri(port2, "b.txt"), timeout=20).payload == b"two"
+    assert client.put(uri(port2, "b.txt"), b"three", timeout=20).code == Code.METHOD_NOT_ALLOWED
 
     assert not p.notify.all("WATCHDOG")  # WATCHDOG_PID named someone else
     assert p.stop(signal.SIGINT) == 0
@@ -290,15 +185,7 @@ def test_reload_applies_good_and_keeps_running_on_bad(
 
 
 def run(args: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM")}
-    return subprocess.run(
-        [sys.executable, "-m", "coapfs", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_coapfs(args, capture_output=True, text=True, timeout=timeout)
 
 
 def test_check_config_good_and_bad(tmp_path: Path, root: Path) -> None:
@@ -369,14 +256,11 @@ def test_daemon_detaches_writes_pidfile_and_stops(
     pidfile = tmp_path / "run" / "coapfs.pid"
     pidfile.parent.mkdir()
     log = tmp_path / "daemon.log"
-    env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM")}
-    args = [sys.executable, "-m", "coapfs", "--daemon", "--pidfile", str(pidfile), "-v"]
+    args = ["--daemon", "--pidfile", str(pidfile), "-v"]
     with log.open("wb") as stderr:
         # The starter returns once the daemon serves (stderr is a file: the daemon keeps it).
-        started = subprocess.run(
+        started = run_coapfs(
             [*args, "--bind", f"127.0.0.1:{port}", str(root)],
-            cwd=REPO,
-            env=env,
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             timeout=30,
@@ -390,26 +274,16 @@ def test_daemon_detaches_writes_pidfile_and_stops(
         assert ppid != os.getpid()
         # A session of its own (double fork: not its leader, so it never gets a terminal).
         assert os.getsid(pid) not in (os.getsid(0), pid)
-        assert get(client, port, "a.txt").payload == b"hello\n"
+        assert client.get(uri(port, "a.txt"), timeout=20).payload == b"hello\n"
         assert Path(f"/proc/{pid}/cwd").resolve() == Path("/")
 
         # A second one with the same pid file refuses, in the foreground, with one line.
-        second = subprocess.run(
-            [*args, "--bind", f"127.0.0.1:{free_udp_port()}", str(root)],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        second = run([*args, "--bind", f"127.0.0.1:{free_udp_port()}", str(root)])
         assert second.returncode == 1
         assert second.stderr == f"coap-fileserver: {pidfile}: already running as process {pid}\n"
     finally:
         os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    while not process_gone(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert process_gone(pid)
+    wait_until(lambda: process_gone(pid), 20, what=f"the daemon ({pid}) is gone")
     assert not pidfile.exists()
     text = log.read_text()
     assert "Ready" in text and "Stopping" in text and "Traceback" not in text, text
@@ -417,14 +291,7 @@ def test_daemon_detaches_writes_pidfile_and_stops(
     # A daemon that cannot start says why, and the starter's exit status says so too.
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
         holder.bind(("127.0.0.1", port))
-        failed = subprocess.run(
-            [*args, "--bind", f"127.0.0.1:{port}", str(root)],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        failed = run([*args, "--bind", f"127.0.0.1:{port}", str(root)])
     assert failed.returncode == 1
     assert (
         failed.stderr == f"coap-fileserver: cannot bind 127.0.0.1:{port}: Address already in use\n"
@@ -449,22 +316,14 @@ def test_registers_with_a_resource_directory_and_deregisters_on_stop(
             msg = aiocoap.Message(code=aiocoap.GET, uri=lookup)
             return client.request(msg, timeout=20).payload.decode()
 
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:  # the RD takes a moment to start
-            try:
-                registered()
-                break
-            except Exception:
-                time.sleep(0.2)
+        # The RD takes a moment to start.
+        wait_until(lambda: client.answers(lookup), 20, what="the RD answers", interval=0.2)
         p = process(
             ["--bind", f"127.0.0.1:{port}", "--register", f"coap://127.0.0.1:{rd_port}", str(root)]
         )
         p.notify.wait_for("READY")
         base = f'base="coap://127.0.0.1:{port}"'
-        deadline = time.monotonic() + 20
-        while base not in registered() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert base in registered()
+        wait_until(lambda: base in registered(), 20, what="registered", interval=0.2)
         assert p.stop() == 0
         assert base not in registered()
     finally:

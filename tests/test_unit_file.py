@@ -7,28 +7,15 @@ checks that the programs it runs and the man pages it names exist.
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator
-from pathlib import Path
-
+import container
 import pytest
+import systemtest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "packaging"))
-import container  # noqa: E402
-import systemtest  # noqa: E402
+pytestmark = pytest.mark.system
 
 UNIT = systemtest.UNIT
 DROPIN_DIR = "/etc/systemd/system/coap-fileserver.service.d"
 WRITE_EXAMPLE = "/usr/share/doc/coap-fileserver/examples/write.conf"
-
-
-@pytest.fixture(scope="module")
-def system() -> Iterator[container.Container]:
-    reason = systemtest.root_required()
-    if reason:
-        pytest.skip(reason)
-    with systemtest.installed_system(systemtest.built_deb()) as booted:
-        yield booted
 
 
 def verify(system: container.Container) -> str:

@@ -16,6 +16,8 @@ import pytest
 from coapfs.config import CacheConfig
 from coapfs.watch import Watcher, filesystem_type, inotify_sees_all_changes
 
+from support.polling import wait_until_async
+
 WAIT = 5.0
 
 
@@ -178,10 +180,11 @@ def test_deleted_directory_reports_itself_and_is_polled_for_its_return(tmp_path:
         await settle(recorder, sub)
         sub.rmdir()
         await recorder.wait_for("change", sub)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + WAIT
-        while watcher.watched_directories().get(sub) is not False and loop.time() < deadline:
-            await asyncio.sleep(0.01)  # the kernel's IN_IGNORED follows IN_DELETE_SELF
+        await wait_until_async(  # the kernel's IN_IGNORED follows IN_DELETE_SELF
+            lambda: watcher.watched_directories().get(sub) is False,
+            WAIT,
+            what=f"{sub} polled",
+        )
         assert watcher.watched_directories() == {sub: False}
         sub.mkdir()
         await recorder.wait_for("change", sub)
@@ -342,9 +345,7 @@ def test_two_paths_to_one_directory_share_one_watch_and_its_reports(
         await recorder.wait_for("change", alias / "f.txt")
         # Serving both paths over and over (what two observers' renders do) reports nothing.
         since = len(recorder.history)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 1.0
-        while loop.time() < deadline:
+        for _ in range(100):  # for a second at least
             assert watcher.watch_directory(alias)
             assert watcher.watch_directory(real)
             await asyncio.sleep(0.01)
@@ -407,11 +408,12 @@ def test_two_paths_to_a_deleted_directory_are_both_polled(tmp_path: Path) -> Non
         real.rmdir()
         await recorder.wait_for("change", real)
         await recorder.wait_for("change", alias)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + WAIT
-        while watcher.watched_directories() != {real: False, alias: False}:
-            assert loop.time() < deadline, watcher.watched_directories()
-            await asyncio.sleep(0.01)  # the kernel's IN_IGNORED follows IN_DELETE_SELF
+        await wait_until_async(  # the kernel's IN_IGNORED follows IN_DELETE_SELF
+            lambda: watcher.watched_directories() == {real: False, alias: False},
+            WAIT,
+            what="both paths polled",
+            details=lambda: str(watcher.watched_directories()),
+        )
         real.mkdir()
         await recorder.wait_for("change", real)
         await recorder.wait_for("change", alias)

@@ -11,24 +11,23 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-IN_CI = os.environ.get("CI") == "true"
+from support.repo import REPO, environment
+from support.tools import require
+
+pytestmark = pytest.mark.needs_root
+
 NAMESPACE_LIMIT = Path("/proc/sys/user/max_inotify_watches")
 
 
 def in_namespace(limit: int, scenario: str, root: Path) -> dict[str, object]:
     """Run scenario in a new user namespace whose inotify watch limit is limit."""
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        if IN_CI:
-            pytest.fail("unshare (util-linux) is missing")
-        pytest.skip("unshare (util-linux) is missing")
+    unshare = require("unshare", "util-linux")
     outer_namespace = os.readlink("/proc/self/ns/user")
     result = subprocess.run(
         [unshare, "--user", "--map-root-user", sys.executable, __file__],
@@ -36,7 +35,8 @@ def in_namespace(limit: int, scenario: str, root: Path) -> dict[str, object]:
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=Path(__file__).parent.parent,
+        cwd=REPO,
+        env=environment(),  # this checkout's coapfs for the child
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads(result.stdout.splitlines()[-1])
@@ -140,5 +140,4 @@ def _child() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.getcwd())
     _child()
