@@ -1,5 +1,6 @@
 # Every target is a thin wrapper: the logic lives in the scripts it names.
-PYTHON ?= python3
+# .ci/run (packaging/venv) makes .venv: the project and its test tools, nothing in the system Python.
+PYTHON ?= .venv/bin/python
 # A second interpreter environment with the oldest aiocoap we support (Debian 13 ships 0.4.14);
 # .ci/run creates it.
 OLDEST ?= .venv-aiocoap-0.4.14/bin/python

@@ -226,8 +226,12 @@ def test_check_environment_root_and_files(tmp_path: Path) -> None:
 
 
 def test_shipped_example_lists_every_key_with_its_default() -> None:
+    """etc/coap-fileserver.toml (the package's conffile) sets the served root, as an absolute
+    path so that `--check-config` run from anywhere checks what the service serves, and shows
+    every other key commented out with its built-in default."""
     text = (REPO / "etc" / "coap-fileserver.toml").read_text()
-    assert tomllib.loads(text) == {"cache": {}, "observe": {}}  # everything commented out
+    empty_tables = {t: {} for t in ("cache", "observe", "upload", "amplification", "deduplication")}
+    assert tomllib.loads(text) == {"root": "/srv/coap", **empty_tables}
     uncommented = re.sub(r"^# (\w+ = )", r"\1", text, flags=re.MULTILINE)
     raw = tomllib.loads(uncommented)
     flat = {k: v for k, v in raw.items() if not isinstance(v, dict)}
@@ -235,17 +239,14 @@ def test_shipped_example_lists_every_key_with_its_default() -> None:
         if isinstance(values, dict):
             flat.update({f"{table}.{k}": v for k, v in values.items()})
     assert sorted(flat) == sorted(k for k, _, _ in iter_keys())
-    # uncommented, it is valid and means exactly the built-in defaults
-    path_keys = ("credentials", "tls_server_certificate", "tls_server_key")
-    check_command_line(raw)
+    # uncommented, it is valid and means exactly the built-in defaults (but for the root)
+    typed = check_command_line(raw)
     for key, default, _help in iter_keys():
-        value = flat[key]
-        if key in path_keys:
-            assert value == "" and default is None
-        elif key == "root":
-            assert Path(value) == default
-        elif key == "bind":
-            assert value == [] and default == ()
+        value = typed
+        for part in key.split("."):
+            value = value[part]
+        if key == "root":
+            assert value == Path("/srv/coap") and default == Path(".")
         else:
             assert value == default, key
     # and each key has a line of explanation right above it

@@ -8,8 +8,8 @@ import aiocoap
 from aiocoap.numbers import codes
 
 from coapfs.config import Config
-from coapfs.transport import context
 from coapfs.protocol.resource import FileService
+from coapfs.transport import context
 
 from support.ports import free_udp_port
 

@@ -105,17 +105,15 @@ def test_delete(client, server, root):
     assert r.code == codes.NOT_FOUND and r.payload
 
 
-def test_directories_are_neither_deleted_nor_overwritten(client, server, root):
-    for r in (
-        client.delete(server.uri("dir")),
-        client.delete(server.uri("dir/")),
-        client.put(server.uri("dir"), b"x"),
-        client.put(server.uri("dir/"), b"x"),
-    ):
-        assert r.code == codes.BAD_REQUEST and r.payload
-    assert b"not created over CoAP" in client.put(server.uri("dir"), b"x").payload
-    assert b"not deleted over CoAP" in client.delete(server.uri("dir")).payload
+def test_a_directory_named_as_a_file_is_4_00_and_kept(client, server, root):
+    """Without its trailing slash a directory is not written or deleted as if it were a file
+    (`PUT dir/` and `DELETE dir/` are tests/test_core_directories.py's)."""
+    for r in (client.delete(server.uri("dir")), client.put(server.uri("dir"), b"x")):
+        assert r.code == codes.BAD_REQUEST and b"trailing slash" in r.payload
     assert (root / "dir").is_dir()
+    r = client.put(server.uri("existing.txt/"), b"x")  # a file named as a directory
+    assert r.code == codes.CONFLICT and r.payload
+    assert (root / "existing.txt").read_text() == "old"
 
 
 def test_put_into_missing_directory_is_4_04(client, server, root):

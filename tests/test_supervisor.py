@@ -235,9 +235,16 @@ def test_port_in_use_is_one_line_and_failure(tmp_path: Path, root: Path) -> None
         holder.bind(("127.0.0.1", port))
         result = run(["--bind", f"127.0.0.1:{port}", str(root)])
     assert result.returncode == 1
+    # The holder is found and named: this test's own process.
     assert result.stderr == (
-        f"coap-fileserver: cannot bind 127.0.0.1:{port}: Address already in use\n"
+        f"coap-fileserver: cannot bind 127.0.0.1:{port}: Address already in use "
+        f"(held by {this_process()})\n"
     )
+
+
+def this_process() -> str:
+    comm = Path("/proc/self/comm").read_text().strip()
+    return f"process {os.getpid()} ({comm})"
 
 
 def process_gone(pid: int) -> bool:
@@ -293,8 +300,9 @@ def test_daemon_detaches_writes_pidfile_and_stops(
         holder.bind(("127.0.0.1", port))
         failed = run([*args, "--bind", f"127.0.0.1:{port}", str(root)])
     assert failed.returncode == 1
-    assert (
-        failed.stderr == f"coap-fileserver: cannot bind 127.0.0.1:{port}: Address already in use\n"
+    assert failed.stderr == (
+        f"coap-fileserver: cannot bind 127.0.0.1:{port}: Address already in use "
+        f"(held by {this_process()})\n"
     )
     assert not pidfile.exists()
 
