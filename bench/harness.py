@@ -7,10 +7,12 @@ side's "error"/"timeout" cell with the reason in the notes, never a crash.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -37,7 +39,7 @@ class Metric:
     unit: str
     higher_is_better: bool
     target: str = ""
-    # check(first, second) -> True/False; None when no target applies
+    # check(first, second) -> True/False, or None where the target does not apply ("n/a")
     check: Callable[[float, float | None], bool] | None = None
     aggregate: Callable[[list[float]], float] = statistics.median
     ratio_of: tuple[str, str] = SIDES
@@ -81,7 +83,7 @@ class Metric:
             ok = self.check(o, self.value(self.ratio_of[1]))
         except TypeError:  # the other side missing where the target needs it
             return "?"
-        return "pass" if ok else "FAIL"
+        return "n/a" if ok is None else ("pass" if ok else "FAIL")
 
     def as_json(self, sides: Iterable[str]) -> dict:
         return {
@@ -104,6 +106,8 @@ class Metric:
 
 
 def fmt(v: float) -> str:
+    if float(v).is_integer() and abs(v) < 1e15:  # counts
+        return f"{int(v):,}"
     if v >= 1000:
         return f"{v:,.0f}"
     if v >= 100:
@@ -172,14 +176,20 @@ def table(metrics: Iterable[Metric], sides: Iterable[str], ratio_header: str = "
 
 
 def notes(metrics: dict[str, Metric], anomalies: Iterable[str] = ()) -> list[str]:
-    """Errors, partial failures and skipped runs, one line each."""
+    """Errors, partial failures and skipped runs, one line each; rows of one side that failed
+    for the same reason (a server that did not start) share one line."""
     out = list(anomalies)
+    same: dict[tuple[str, str], list[str]] = {}
     for key, m in metrics.items():
         for side, err in m.errors.items():
             if m.samples[side]:
                 out.append(f"* {key} ({side}): some runs failed: {err}")
             else:
-                out.append(f"- {key} ({side}): {err}")
+                same.setdefault((side, err), []).append(key)
+    for (side, err), keys in same.items():
+        where = keys[0] if len(keys) == 1 else f"{keys[0]} and {len(keys) - 1} more rows"
+        out.append(f"- {where} ({side}): {err}")
+    for key, m in metrics.items():
         for side, n in m.skipped.items():
             if n:
                 out.append(f"* {key} ({side}): {n} run(s) skipped, time budget spent")
@@ -244,20 +254,7 @@ def loadgen(
         *extra,
         *paths,
     ]
-    procs = [
-        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(shards)
-    ]
-    results = []
-    for proc in procs:
-        try:
-            out, err = proc.communicate(timeout=max_time + 30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"loadgen failed: {err.strip()[-200:]}")
-        results.append(json.loads(out))
+    results = run_json([cmd] * shards, max_time + 30)
     for r in results:
         if "error" in r:
             raise RuntimeError(r["error"])
@@ -267,6 +264,53 @@ def loadgen(
             f"no successful responses ({result['other']} other, {result['lost']} lost)"
         )
     return result
+
+
+def run_json(
+    cmds: list[list[str]], timeout: float, while_running: Callable[[], None] | None = None
+) -> list[dict]:
+    """Run the commands at once, each printing one JSON object; return those, in order.
+
+    Output goes to temporary files, not pipes, so a large result cannot block its writer.
+    while_running is called repeatedly (it should sleep a little) until all have exited or the
+    timeout is reached; then stragglers are killed. A failure raises RuntimeError.
+    """
+    deadline = time.monotonic() + timeout
+    with contextlib.ExitStack() as stack:
+        procs = []
+        for cmd in cmds:
+            out = stack.enter_context(tempfile.TemporaryFile("w+"))
+            err = stack.enter_context(tempfile.TemporaryFile("w+"))
+            proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+            stack.callback(_kill, proc)
+            procs.append((proc, out, err))
+        while time.monotonic() < deadline and any(p.poll() is None for p, _, _ in procs):
+            if while_running is not None:
+                while_running()
+            else:
+                time.sleep(0.05)
+        results = []
+        for proc, out, err in procs:
+            _kill(proc)
+            out.seek(0)
+            err.seek(0)
+            if proc.returncode != 0:
+                raise RuntimeError(
+                    f"{Path(cmds[0][1]).name} exited with {proc.returncode}: "
+                    f"{err.read().strip()[-300:]}"
+                )
+            try:
+                results.append(json.loads(out.read()))
+            except ValueError as e:
+                raise RuntimeError(f"{Path(cmds[0][1]).name}: bad output ({e})") from None
+        return results
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """End a helper process this harness started, by its PID, if it still runs."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
 
 
 def combine(results: list[dict]) -> dict:
