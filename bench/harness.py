@@ -227,12 +227,13 @@ def loadgen(
     seconds: float = 0.0,
     sockets: int = 1,
     max_time: float = LOADGEN_MAX_TIME,
+    while_running: Callable[[], None] | None = None,
 ) -> dict:
     """Run bench/loadgen.py in `shards` processes at once against one server.
 
     Each shard keeps `window` requests outstanding (`requests` measured ones, or for `seconds`).
     With several shards the rate is all successes over the union of their measured intervals,
-    and the server CPU the tree's CPU over that union.
+    and the server CPU the tree's CPU over that union. while_running: see run_json.
     """
     cmd = [
         sys.executable,
@@ -254,7 +255,7 @@ def loadgen(
         *extra,
         *paths,
     ]
-    results = run_json([cmd] * shards, max_time + 30)
+    results = run_json([cmd] * shards, max_time + 30, while_running)
     for r in results:
         if "error" in r:
             raise RuntimeError(r["error"])
