@@ -110,8 +110,8 @@ def make_rows(opts: argparse.Namespace) -> dict:
     }
 
 
-def run(opts: argparse.Namespace) -> tuple[str, str, list[str]]:
-    """Flood each server in turn; returns (title, table, notes)."""
+def run(opts: argparse.Namespace) -> tuple[str, str, list[str], dict]:
+    """Flood each server in turn; returns (title, table, notes, JSON)."""
     progress = harness.Progress(opts.quiet)
     workdir = Path(tempfile.mkdtemp(prefix="coapfs-flood-"))
     rows = make_rows(opts)
@@ -150,7 +150,11 @@ def run(opts: argparse.Namespace) -> tuple[str, str, list[str]]:
         f"Memory under a flood of unique CON GETs ({opts.sockets} source ports, "
         f"{opts.window} outstanding), RSS of the process tree every {opts.interval:g} s"
     )
-    return title, harness.table(rows.values(), harness.SIDES), traces + harness.notes(rows)
+    data = {
+        "options": vars(opts),
+        "metrics": {k: m.as_json(harness.SIDES) for k, m in rows.items()},
+    }
+    return title, harness.table(rows.values(), harness.SIDES), traces + harness.notes(rows), data
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -173,7 +177,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    harness.print_report(*run(parse_args(argv)))
+    title, text, note_lines, _ = run(parse_args(argv))
+    harness.print_report(title, text, note_lines)
     return 0
 
 

@@ -178,15 +178,22 @@ class RawClient:
             size = 16 << szx
             num, chunk = offset // size, data[offset : offset + size]
             more = offset + size < len(data)
-            left = deadline - time.perf_counter()
-            if left <= 0:
-                raise CoapTimeout(f"PUT {path}: not complete in {timeout:g} s (at byte {offset})")
             extra = [(coapmsg.OPT_BLOCK1, coapmsg.block2(num, more, szx))]
             if num == 0:
                 extra.append((coapmsg.OPT_SIZE1, coapmsg.uint(len(data))))
-            msg = self.request(
-                path, extra=extra, timeout=min(left, 5.0), code=coapmsg.PUT, payload=chunk
-            )
+            left = deadline - time.perf_counter()
+            try:
+                if left <= 0:
+                    raise CoapTimeout("deadline")
+                msg = self.request(
+                    path, extra=extra, timeout=min(left, 5.0), code=coapmsg.PUT, payload=chunk
+                )
+            except CoapTimeout:
+                if time.perf_counter() < deadline:
+                    raise
+                raise CoapTimeout(
+                    f"PUT {path}: not complete in {timeout:g} s (at byte {offset:,})"
+                ) from None
             if not more:
                 if msg.code not in (coapmsg.CREATED, coapmsg.CHANGED):
                     raise CoapError(f"PUT {path}: final {coapmsg.code_str(msg.code)}")

@@ -22,7 +22,10 @@ from pathlib import Path
 
 import aiocoap.meta
 import coapmsg
+import fleet
+import flood
 import harness
+import proctree
 from harness import LOADGEN_MAX_TIME, MIB, SIDES, Metric, loadgen, record
 from rawclient import CoapError, CoapTimeout, RawClient
 from servers import LISTING_ENTRIES, OURS_CMD, SMALL_FILES, THEIRS_CMD, Server, fill_root
@@ -273,6 +276,78 @@ class Bench:
             c.close()
         return latencies
 
+    def uploads(self, workdir: Path) -> None:
+        """Block-wise PUT (Block1 szx 6) to write-enabled servers of their own, on empty roots.
+
+        RSS growth is VmHWM after the upload minus VmRSS before it, summed over the process
+        tree, with VmHWM reset to the current RSS first (clear_refs), so earlier peaks do not
+        count. The file on disk must have the uploaded sha256.
+        """
+        sizes = [1] + ([64] if self.opts.upload_64 else [])
+        writers = {}
+        for side in SIDES:
+            root = workdir / f"{side}-write"
+            root.mkdir()
+            cmd = getattr(self.opts, f"{side}_cmd") + " --write"
+            writers[side] = Server(f"{side}-write", cmd, root, workdir)
+        try:
+            for side in SIDES:
+                writers[side].start()
+            for mib in sizes:
+                self.progress(f"block-wise upload of {mib} MiB")
+                data = random.Random(mib).randbytes(mib * MIB)
+                sha = hashlib.sha256(data).hexdigest()
+                t = self.metric(f"upload_{mib}mib", f"upload {mib} MiB (Block1 szx 6)", "s", False)
+                g = self.metric(
+                    f"upload_{mib}mib_rss",
+                    "  RSS growth (VmHWM after - VmRSS before)",
+                    "MiB",
+                    False,
+                )
+                # 64 MiB is one long run: its own time limit rather than the per-metric budget.
+                limit = self.opts.upload_timeout if mib > 1 else None
+                runs = self.opts.runs if mib == 1 else 1
+                for run in range(runs):
+                    for side in self.order(run):
+                        srv = writers[side]
+                        grew: list[float] = []
+
+                        def one(
+                            srv=srv,
+                            side=side,
+                            name=f"up{mib}-{run}.bin",
+                            data=data,
+                            sha=sha,
+                            t=t,
+                            limit=limit,
+                            grew=grew,
+                        ) -> float:
+                            if not srv.alive():
+                                raise CoapError(f"server not running: {srv.error}")
+                            proctree.reset_peak_rss(srv.pid)
+                            before = srv.tree_rss_kib() or 0
+                            c = RawClient(srv.port)
+                            try:
+                                seconds = c.put(
+                                    name, data, timeout=limit or self.fetch_timeout(t, side)
+                                )
+                            finally:
+                                c.close()
+                            grew.append((sum(srv.tree_hwm_kib().values()) - before) / 1024)
+                            on_disk = hashlib.sha256((srv.root / name).read_bytes()).hexdigest()
+                            if on_disk != sha:
+                                raise CoapError(f"sha256 of {name} on disk does not match")
+                            (srv.root / name).unlink()
+                            return seconds
+
+                        if record(t, side, one, self.opts.budget) is not None:
+                            g.samples[side].extend(grew)
+                        elif side in t.errors:
+                            g.errors.setdefault(side, t.errors[side])
+        finally:
+            for srv in writers.values():
+                srv.stop()
+
     def startup_rss(self) -> None:
         """Resident memory right after start-up, before any request: the baseline."""
         m = self.metric("start_rss", "RSS after start-up (VmRSS)", "MiB", False)
@@ -381,6 +456,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=40.0,
         help="seconds per metric and server after which further runs are skipped",
     )
+    p.add_argument(
+        "--upload-64",
+        action="store_true",
+        help="also upload 64 MiB (one run; aiocoap-fileserver assembles it in memory)",
+    )
+    p.add_argument(
+        "--upload-timeout", type=float, default=60.0, help="seconds for the 64 MiB upload"
+    )
+    p.add_argument(
+        "--fleet",
+        action="store_true",
+        help="also run bench/fleet.py (about 4 minutes; under 1 with --quick)",
+    )
+    p.add_argument(
+        "--flood",
+        action="store_true",
+        help="also run bench/flood.py (about 3 minutes; 35 s with --quick)",
+    )
     p.add_argument("--json", metavar="FILE", help="also write all samples as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temporary roots and logs")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
@@ -425,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.listings,
             bench.notification_latency,
             bench.peak_rss,
+            lambda: bench.uploads(workdir),
         ):
             step()
             bench.mark_dead()
@@ -434,8 +528,23 @@ def main(argv: list[str] | None = None) -> int:
             bench.table(),
             bench.notes(),
         )
+        for srv in servers.values():
+            srv.stop()  # the optional sections start servers of their own
+        extra_json = {}
+        for wanted, module in ((opts.fleet, fleet), (opts.flood, flood)):
+            if not wanted:
+                continue
+            sub = module.parse_args(
+                ["--ours-cmd", opts.ours_cmd, "--theirs-cmd", opts.theirs_cmd]
+                + ["--quick"] * opts.quick
+                + ["--quiet"] * opts.quiet
+            )
+            title, text, note_lines, data = module.run(sub)
+            print()
+            harness.print_report(title, text, note_lines)
+            extra_json[module.__name__] = data
         if opts.json:
-            Path(opts.json).write_text(json.dumps(bench.as_json(), indent=2) + "\n")
+            Path(opts.json).write_text(json.dumps(bench.as_json() | extra_json, indent=2) + "\n")
     finally:
         for srv in servers.values():
             srv.stop()
