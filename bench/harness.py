@@ -143,10 +143,14 @@ def record(metric: Metric, side: str, fn: Callable[[], float], budget: float) ->
     return v
 
 
-def table(metrics: Iterable[Metric], sides: Iterable[str], ratio_header: str = "ratio o/t") -> str:
-    """The metrics as an aligned text table: one column per side, ratio, target, result."""
+def table(
+    metrics: Iterable[Metric], sides: Iterable[str], ratio_header: str | None = "ratio o/t"
+) -> str:
+    """The metrics as an aligned text table: one column per side, the ratio (unless
+    ratio_header is None), target, result."""
     sides = list(sides)
-    head = ("metric", "unit", *sides, ratio_header, "target", "result")
+    ratio = [ratio_header] if ratio_header is not None else []
+    head = ("metric", "unit", *sides, *ratio, "target", "result")
     rows = [head]
     for m in metrics:
         r = m.ratio()
@@ -155,7 +159,7 @@ def table(metrics: Iterable[Metric], sides: Iterable[str], ratio_header: str = "
                 m.label,
                 m.unit,
                 *(m.cell(s) for s in sides),
-                f"{r:.3g}" if r is not None else "",
+                *([f"{r:.3g}" if r is not None else ""] if ratio else []),
                 m.target,
                 m.verdict(),
             )
