@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import harness
+from devices import BIN
 from harness import HERE, Metric, record
 from servers import OURS_CMD, SMALL_FILES, THEIRS_CMD, Server, fill_root
 
@@ -150,8 +151,6 @@ class FleetBench:
         }
 
     def summarise(self, res: dict) -> dict[str, float]:
-        from devices import BIN
-
         devs = res["devices"]
         t_end = res["t_end"]
         started = [d for d in devs if d["start"] is not None]
