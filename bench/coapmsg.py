@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 CON, NON, ACK, RST = 0, 1, 2, 3
 
-GET = 0x01
-CREATED, DELETED, VALID, CHANGED, CONTENT = 0x41, 0x42, 0x43, 0x44, 0x45
+GET, PUT = 0x01, 0x03
+CREATED, DELETED, VALID, CHANGED, CONTENT, CONTINUE = 0x41, 0x42, 0x43, 0x44, 0x45, 0x5F
 REQUEST_ENTITY_INCOMPLETE = 0x88
 
 OPT_ETAG = 4
@@ -19,7 +19,9 @@ OPT_OBSERVE = 6
 OPT_URI_PATH = 11
 OPT_CONTENT_FORMAT = 12
 OPT_BLOCK2 = 23
+OPT_BLOCK1 = 27
 OPT_SIZE2 = 28
+OPT_SIZE1 = 60
 
 
 def code_str(code: int) -> str:
@@ -33,7 +35,7 @@ def uint(value: int) -> bytes:
 
 
 def block2(num: int, more: bool, szx: int) -> bytes:
-    """Encode a Block2 option value."""
+    """Encode a Block1/Block2 option value."""
     return uint((num << 4) | (int(more) << 3) | szx)
 
 
@@ -130,9 +132,17 @@ def parse(data: bytes) -> Message:
     return msg
 
 
-def get(path: str, *, mid: int, token: bytes, mtype: int = CON, extra=()) -> Message:
-    """A GET for a slash-separated path ('dir/' ends in an empty segment, as directories need)."""
+def request(
+    code: int, path: str, *, mid: int, token: bytes, mtype: int = CON, extra=(), payload=b""
+) -> Message:
+    """A request for a slash-separated path ('dir/' ends in an empty segment, as directories
+    need)."""
     segments = path.split("/") if path else []
     opts = [(OPT_URI_PATH, s.encode()) for s in segments]
     opts.extend(extra)
-    return Message(mtype=mtype, code=GET, mid=mid, token=token, options=opts)
+    return Message(mtype=mtype, code=code, mid=mid, token=token, options=opts, payload=payload)
+
+
+def get(path: str, *, mid: int, token: bytes, mtype: int = CON, extra=()) -> Message:
+    """A GET for a slash-separated path."""
+    return request(GET, path, mid=mid, token=token, mtype=mtype, extra=extra)

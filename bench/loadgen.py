@@ -1,9 +1,11 @@
-"""Raw-UDP CoAP GET load generator: keeps W requests outstanding for a fixed request count.
+"""Raw-UDP CoAP GET load generator: keeps W requests outstanding, for a fixed request count or
+a fixed time.
 
 Runs in its own process (bench/run.py starts it) so that its CPU use is measured apart from the
 orchestrator and it never competes with it for the interpreter. Prints one JSON object.
-Each run uses a fresh socket (so a fresh source port) and stops before Message IDs could wrap,
-because servers deduplicate on (remote, Message ID) for EXCHANGE_LIFETIME.
+Requests go round-robin over --sockets fresh sockets (so fresh source ports); a socket is
+replaced by a new one before its Message IDs could wrap, because servers deduplicate on
+(remote, Message ID) for EXCHANGE_LIFETIME. Tokens are unique over the whole run.
 """
 
 from __future__ import annotations
@@ -18,16 +20,10 @@ import socket
 import time
 
 import coapmsg
+import proctree
 
-MAX_REQUESTS = 60000  # below 2**16 Message IDs: no request may look like a duplicate
+MAX_REQUESTS = 60000  # per socket, below 2**16 Message IDs: no request may look like a duplicate
 LOSS_TIMEOUT = 1.0  # a request unanswered this long is counted lost and replaced
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process from /proc/PID/stat, in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def self_cpu_seconds() -> float:
@@ -35,10 +31,42 @@ def self_cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+class Sockets:
+    """Round-robin over `count` connected sockets, each replaced after MAX_REQUESTS sends.
+
+    A replaced socket stays open (and read) until the end, so late answers are still counted.
+    """
+
+    def __init__(self, host: str, port: int, count: int) -> None:
+        self.addr = (host, port)
+        self.all: list[socket.socket] = []
+        self.active = [self._new() for _ in range(count)]
+        self.turn = 0
+
+    def _new(self) -> list:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.connect(self.addr)
+        sock.setblocking(False)
+        self.all.append(sock)
+        return [sock, int.from_bytes(os.urandom(2), "big"), 0]  # socket, next MID, sent
+
+    def next(self) -> tuple[socket.socket, int]:
+        """The socket for the next request and the Message ID to use on it."""
+        self.turn = (self.turn + 1) % len(self.active)
+        entry = self.active[self.turn]
+        if entry[2] >= MAX_REQUESTS:
+            entry = self.active[self.turn] = self._new()
+        entry[1] = (entry[1] + 1) & 0xFFFF
+        entry[2] += 1
+        return entry[0], entry[1]
+
+    def close(self) -> None:
+        for s in self.all:
+            s.close()
+
+
 def run(args: argparse.Namespace) -> dict:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.connect((args.host, args.port))
-    sock.setblocking(False)
+    socks = Sockets(args.host, args.port, args.sockets)
     mtype = coapmsg.CON if args.type == "con" else coapmsg.NON
     extra = [(coapmsg.OPT_ETAG, bytes.fromhex(args.etag))] if args.etag else []
     # Pre-encode one template per path; per request only MID and token bytes change.
@@ -51,48 +79,53 @@ def run(args: argparse.Namespace) -> dict:
     outstanding: dict[bytes, float] = {}
     counter = 0
     stats = {"other": 0, "lost": 0}
-    # Count-based, so both servers get exactly the same number of requests (their duplicate
-    # caches then cost the same memory); the rate is the measured count over its elapsed time.
-    send_limit = min(args.warmup + args.requests + args.window, MAX_REQUESTS)
+    # Count-based by default, so both servers get exactly the same number of requests (their
+    # duplicate caches then cost the same memory); the rate is the measured count over its
+    # elapsed time. With --seconds, sending stops that long after the warm-up instead.
+    timed = args.seconds > 0
+    send_limit = args.warmup + args.requests + args.window
     done = 0  # answered or lost since start
     measuring = False
     measured_ok = 0
     lat: list[float] = []
     cpu0 = srv0 = t0 = 0.0
     hard_end = time.perf_counter() + args.max_time
+    send_end = float("inf")
 
     def send_one() -> None:
         nonlocal counter
-        if counter >= send_limit:
+        if (not timed and counter >= send_limit) or time.perf_counter() >= send_end:
             return
         counter += 1
         raw = templates[counter % len(templates)]
-        mid = counter & 0xFFFF
+        sock, mid = socks.next()
         raw[2], raw[3] = mid >> 8, mid & 0xFF
-        token = counter.to_bytes(4, "big")
+        token = (counter & 0xFFFFFFFF).to_bytes(4, "big")
         raw[4:8] = token
         outstanding[token] = time.perf_counter()
         with contextlib.suppress(BlockingIOError):
             sock.send(raw)
 
     def finished_one() -> None:
-        nonlocal done, measuring, cpu0, srv0, t0
+        nonlocal done, measuring, cpu0, srv0, t0, send_end
         done += 1
         if not measuring and done >= args.warmup:
             measuring = True
-            cpu0, srv0 = self_cpu_seconds(), proc_cpu_seconds(args.server_pid)
+            cpu0, srv0 = self_cpu_seconds(), proctree.tree_cpu_seconds(args.server_pid)
             t0 = time.perf_counter()
+            if timed:
+                send_end = t0 + args.seconds
         send_one()
 
     for _ in range(args.window):
         send_one()
     timed_out = False
-    while not measuring or done < args.warmup + args.requests:
+    while timed or not measuring or done < args.warmup + args.requests:
         if time.perf_counter() >= hard_end:
             timed_out = True
             break
-        r, _, _ = select.select([sock], [], [], 0.05)
-        if r:
+        readable, _, _ = select.select(socks.all, [], [], 0.05)
+        for sock in readable:
             while True:
                 try:
                     data = sock.recv(4096)
@@ -118,12 +151,13 @@ def run(args: argparse.Namespace) -> dict:
             del outstanding[token]
             stats["lost"] += 1
             finished_one()
-        if not outstanding and counter >= send_limit:
+        if not outstanding and ((not timed and counter >= send_limit) or now >= send_end):
             break
     t1 = time.perf_counter()
+    socks.close()
     if not measuring:
         return {"error": f"warm-up not finished in {args.max_time:g} s"}
-    cpu1, srv1 = self_cpu_seconds(), proc_cpu_seconds(args.server_pid)
+    cpu1, srv1 = self_cpu_seconds(), proctree.tree_cpu_seconds(args.server_pid)
     elapsed = t1 - t0
     lat.sort()
     return {
@@ -132,6 +166,11 @@ def run(args: argparse.Namespace) -> dict:
         "other": stats["other"],
         "lost": stats["lost"],
         "elapsed": elapsed,
+        "t0": t0,  # CLOCK_MONOTONIC: comparable between shards on one machine
+        "t1": t1,
+        "server_cpu": [srv0, srv1],
+        "client_cpu": cpu1 - cpu0,
+        "sockets_used": len(socks.all),
         "timed_out": timed_out,
         "client_cpu_per_req_us": (cpu1 - cpu0) / measured_ok * 1e6 if measured_ok else None,
         "server_cpu_per_req_us": (srv1 - srv0) / measured_ok * 1e6 if measured_ok else None,
@@ -143,9 +182,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--server-pid", type=int, required=True)
+    p.add_argument(
+        "--server-pid", type=int, required=True, help="CPU is summed over its process tree"
+    )
     p.add_argument("--window", type=int, default=1)
     p.add_argument("--requests", type=int, default=3000, help="measured requests")
+    p.add_argument("--seconds", type=float, default=0, help="measure for a time instead")
+    p.add_argument("--sockets", type=int, default=1, help="source ports, round-robin")
     p.add_argument("--warmup", type=int, default=200, help="requests before measuring")
     p.add_argument("--max-time", type=float, default=20.0, help="give up after this many s")
     p.add_argument("--type", choices=("con", "non"), default="con")

@@ -74,16 +74,27 @@ class RawClient:
     def _ack(self, msg: Message) -> None:
         self.sock.send(Message(mtype=coapmsg.ACK, code=0, mid=msg.mid).encode())
 
-    def request(self, path: str, *, extra=(), timeout: float = 5.0, retransmit=0.5) -> Message:
-        """CON GET with retransmission; returns the (piggybacked or separate) response."""
+    def request(
+        self,
+        path: str,
+        *,
+        extra=(),
+        timeout: float = 5.0,
+        retransmit=0.5,
+        code: int = coapmsg.GET,
+        payload: bytes = b"",
+    ) -> Message:
+        """CON request (GET unless told) with retransmission; returns the (piggybacked or
+        separate) response."""
         mid, token = self._next()
-        raw = coapmsg.get(path, mid=mid, token=token, extra=extra).encode()
+        raw = coapmsg.request(code, path, mid=mid, token=token, extra=extra, payload=payload)
+        raw = raw.encode()
         deadline = time.perf_counter() + timeout
         next_tx = 0.0
         while True:
             now = time.perf_counter()
             if now >= deadline:
-                raise CoapTimeout(f"GET {path}: no response in {timeout:g} s")
+                raise CoapTimeout(f"{coapmsg.code_str(code)} {path}: no response in {timeout:g} s")
             if now >= next_tx:
                 self.sock.send(raw)
                 next_tx = now + retransmit
@@ -154,6 +165,47 @@ class RawClient:
                 restarts += 1
                 if restarts > 3:
                     raise CoapError(f"GET {path}: restarted {restarts} times")
+
+    def put(self, path: str, data: bytes, *, szx: int = 6, timeout: float = 120.0) -> float:
+        """Block-wise PUT (Block1, one block outstanding); returns the seconds it took.
+
+        Follows a smaller block size if the server asks for one in its 2.31 Continue.
+        """
+        start = time.perf_counter()
+        deadline = start + timeout
+        offset = 0
+        while True:
+            size = 16 << szx
+            num, chunk = offset // size, data[offset : offset + size]
+            more = offset + size < len(data)
+            extra = [(coapmsg.OPT_BLOCK1, coapmsg.block2(num, more, szx))]
+            if num == 0:
+                extra.append((coapmsg.OPT_SIZE1, coapmsg.uint(len(data))))
+            left = deadline - time.perf_counter()
+            try:
+                if left <= 0:
+                    raise CoapTimeout("deadline")
+                msg = self.request(
+                    path, extra=extra, timeout=min(left, 5.0), code=coapmsg.PUT, payload=chunk
+                )
+            except CoapTimeout:
+                if time.perf_counter() < deadline:
+                    raise
+                raise CoapTimeout(
+                    f"PUT {path}: not complete in {timeout:g} s (at byte {offset:,})"
+                ) from None
+            if not more:
+                if msg.code not in (coapmsg.CREATED, coapmsg.CHANGED):
+                    raise CoapError(f"PUT {path}: final {coapmsg.code_str(msg.code)}")
+                return time.perf_counter() - start
+            if msg.code != coapmsg.CONTINUE:
+                raise CoapError(
+                    f"PUT {path} block {num}: {coapmsg.code_str(msg.code)} {msg.payload[:80]!r}"
+                )
+            offset += size
+            b1 = msg.opt(coapmsg.OPT_BLOCK1)
+            if b1 is not None and coapmsg.parse_block(b1)[2] < szx:
+                szx = coapmsg.parse_block(b1)[2]
 
     def etag_of(self, path: str) -> bytes | None:
         """Learn a resource's ETag.

@@ -15,148 +15,22 @@ import os
 import platform
 import random
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiocoap.meta
 import coapmsg
+import fleet
+import flood
+import harness
+import proctree
+from harness import LOADGEN_MAX_TIME, MIB, SIDES, Metric, loadgen, record
 from rawclient import CoapError, CoapTimeout, RawClient
 from servers import LISTING_ENTRIES, OURS_CMD, SMALL_FILES, THEIRS_CMD, Server, fill_root
 
-HERE = Path(__file__).resolve().parent
-SIDES = ("ours", "theirs")
-MIB = 1 << 20
-LOADGEN_MAX_TIME = 20.0  # per load-generator run
 THEIRS_POLL_PERIOD = 10.0  # aiocoap-fileserver's stat polling interval (for spreading samples)
-
-
-@dataclass
-class Metric:
-    """One table row: samples per side, how to compare them and the issue's target."""
-
-    label: str
-    unit: str
-    higher_is_better: bool
-    target: str = ""
-    # check(ours, theirs) -> True/False; None when no target applies
-    check: Callable[[float, float | None], bool] | None = None
-    aggregate: Callable[[list[float]], float] = statistics.median
-    samples: dict[str, list[float]] = field(default_factory=lambda: {"ours": [], "theirs": []})
-    errors: dict[str, str] = field(default_factory=dict)
-    not_applicable: set[str] = field(default_factory=set)
-    spent: dict[str, float] = field(default_factory=lambda: {"ours": 0.0, "theirs": 0.0})
-    skipped: dict[str, int] = field(default_factory=lambda: {"ours": 0, "theirs": 0})
-
-    def value(self, side: str) -> float | None:
-        s = self.samples[side]
-        return self.aggregate(s) if s else None
-
-    def cell(self, side: str) -> str:
-        if side in self.not_applicable:
-            return "n/a"
-        v = self.value(side)
-        if v is None:
-            err = self.errors.get(side, "")
-            return "timeout" if err.startswith("timeout") else ("error" if err else "-")
-        if v == float("inf"):
-            return "timeout"
-        text = fmt(v)
-        if side in self.errors:
-            text += "*"
-        return text
-
-    def ratio(self) -> float | None:
-        o, t = self.value("ours"), self.value("theirs")
-        if o is None or t is None or t == 0 or float("inf") in (o, t):
-            return None
-        return o / t
-
-    def verdict(self) -> str:
-        if self.check is None:
-            return ""
-        o = self.value("ours")
-        if o is None:
-            return "FAIL"
-        try:
-            ok = self.check(o, self.value("theirs"))
-        except TypeError:  # theirs missing where the target needs it
-            return "?"
-        return "pass" if ok else "FAIL"
-
-
-def fmt(v: float) -> str:
-    if v >= 1000:
-        return f"{v:,.0f}"
-    if v >= 100:
-        return f"{v:.0f}"
-    if v >= 10:
-        return f"{v:.1f}"
-    if v >= 1:
-        return f"{v:.2f}"
-    return f"{v:.3f}"
-
-
-def record(metric: Metric, side: str, fn: Callable[[], float], budget: float) -> float | None:
-    """Run one measurement; an exception becomes the side's error text, never a crash.
-
-    Once a side has spent its time budget on this metric (and has had one attempt), further
-    runs are skipped and counted, so a slow server cannot stretch the benchmark unboundedly.
-    """
-    if metric.spent[side] >= budget and (metric.samples[side] or side in metric.errors):
-        metric.skipped[side] += 1
-        return None
-    t0 = time.monotonic()
-    try:
-        v = fn()
-    except CoapTimeout as e:
-        metric.errors[side] = f"timeout ({e})"
-        return None
-    except (CoapError, OSError, ValueError, subprocess.SubprocessError, RuntimeError) as e:
-        metric.errors[side] = f"error ({e})"
-        return None
-    finally:
-        metric.spent[side] += time.monotonic() - t0
-    metric.samples[side].append(v)
-    return v
-
-
-def loadgen(server: Server, paths: list[str], window: int, requests: int, extra=()) -> dict:
-    """Run bench/loadgen.py in its own process against one server."""
-    cmd = [
-        sys.executable,
-        str(HERE / "loadgen.py"),
-        "--port",
-        str(server.port),
-        "--server-pid",
-        str(server.pid),
-        "--window",
-        str(window),
-        "--requests",
-        str(requests),
-        "--max-time",
-        str(LOADGEN_MAX_TIME),
-        *extra,
-        *paths,
-    ]
-    out = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=LOADGEN_MAX_TIME + 30, check=False
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"loadgen failed: {out.stderr.strip()[-200:]}")
-    result = json.loads(out.stdout)
-    if "error" in result:
-        raise RuntimeError(result["error"])
-    if not result["ok"]:
-        raise RuntimeError(
-            f"no successful responses ({result['other']} other, {result['lost']} lost)"
-        )
-    return result
 
 
 class Bench:
@@ -167,7 +41,7 @@ class Bench:
         self.servers = servers
         self.big_sha = {name: hashlib.sha256(d).hexdigest() for name, d in big.items()}
         self.metrics: dict[str, Metric] = {}
-        self.t_start = time.monotonic()
+        self.progress = harness.Progress(opts.quiet)
         self.anomalies: list[str] = []
 
     def fetch_timeout(self, metric: Metric, side: str) -> float:
@@ -191,10 +65,6 @@ class Bench:
                 for m in self.metrics.values():
                     if not m.samples[side] and side not in m.not_applicable:
                         m.errors.setdefault(side, f"error (server down: {srv.error or 'exited'})")
-
-    def progress(self, what: str) -> None:
-        if not self.opts.quiet:
-            print(f"[{time.monotonic() - self.t_start:6.1f} s] {what}", file=sys.stderr, flush=True)
 
     # --- measurements -------------------------------------------------------------------
 
@@ -406,6 +276,78 @@ class Bench:
             c.close()
         return latencies
 
+    def uploads(self, workdir: Path) -> None:
+        """Block-wise PUT (Block1 szx 6) to write-enabled servers of their own, on empty roots.
+
+        RSS growth is VmHWM after the upload minus VmRSS before it, summed over the process
+        tree, with VmHWM reset to the current RSS first (clear_refs), so earlier peaks do not
+        count. The file on disk must have the uploaded sha256.
+        """
+        sizes = [1] + ([64] if self.opts.upload_64 else [])
+        writers = {}
+        for side in SIDES:
+            root = workdir / f"{side}-write"
+            root.mkdir()
+            cmd = getattr(self.opts, f"{side}_cmd") + " --write"
+            writers[side] = Server(f"{side}-write", cmd, root, workdir)
+        try:
+            for side in SIDES:
+                writers[side].start()
+            for mib in sizes:
+                self.progress(f"block-wise upload of {mib} MiB")
+                data = random.Random(mib).randbytes(mib * MIB)
+                sha = hashlib.sha256(data).hexdigest()
+                t = self.metric(f"upload_{mib}mib", f"upload {mib} MiB (Block1 szx 6)", "s", False)
+                g = self.metric(
+                    f"upload_{mib}mib_rss",
+                    "  RSS growth (VmHWM after - VmRSS before)",
+                    "MiB",
+                    False,
+                )
+                # 64 MiB is one long run: its own time limit rather than the per-metric budget.
+                limit = self.opts.upload_timeout if mib > 1 else None
+                runs = self.opts.runs if mib == 1 else 1
+                for run in range(runs):
+                    for side in self.order(run):
+                        srv = writers[side]
+                        grew: list[float] = []
+
+                        def one(
+                            srv=srv,
+                            side=side,
+                            name=f"up{mib}-{run}.bin",
+                            data=data,
+                            sha=sha,
+                            t=t,
+                            limit=limit,
+                            grew=grew,
+                        ) -> float:
+                            if not srv.alive():
+                                raise CoapError(f"server not running: {srv.error}")
+                            proctree.reset_peak_rss(srv.pid)
+                            before = srv.tree_rss_kib() or 0
+                            c = RawClient(srv.port)
+                            try:
+                                seconds = c.put(
+                                    name, data, timeout=limit or self.fetch_timeout(t, side)
+                                )
+                            finally:
+                                c.close()
+                            grew.append((sum(srv.tree_hwm_kib().values()) - before) / 1024)
+                            on_disk = hashlib.sha256((srv.root / name).read_bytes()).hexdigest()
+                            if on_disk != sha:
+                                raise CoapError(f"sha256 of {name} on disk does not match")
+                            (srv.root / name).unlink()
+                            return seconds
+
+                        if record(t, side, one, self.opts.budget) is not None:
+                            g.samples[side].extend(grew)
+                        elif side in t.errors:
+                            g.errors.setdefault(side, t.errors[side])
+        finally:
+            for srv in writers.values():
+                srv.stop()
+
     def startup_rss(self) -> None:
         """Resident memory right after start-up, before any request: the baseline."""
         m = self.metric("start_rss", "RSS after start-up (VmRSS)", "MiB", False)
@@ -436,46 +378,10 @@ class Bench:
     # --- output -------------------------------------------------------------------------
 
     def table(self) -> str:
-        head = ("metric", "unit", "ours", "theirs", "ratio o/t", "target", "result")
-        rows = [head]
-        for m in self.metrics.values():
-            r = m.ratio()
-            rows.append(
-                (
-                    m.label,
-                    m.unit,
-                    m.cell("ours"),
-                    m.cell("theirs"),
-                    f"{r:.3g}" if r is not None else "",
-                    m.target,
-                    m.verdict(),
-                )
-            )
-        widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-        lines = []
-        for i, row in enumerate(rows):
-            lines.append(
-                "  ".join(
-                    c.ljust(w) if j in (0, 1, 5) else c.rjust(w)
-                    for j, (c, w) in enumerate(zip(row, widths, strict=True))
-                )
-            )
-            if i == 0:
-                lines.append("  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return harness.table(self.metrics.values(), SIDES)
 
     def notes(self) -> list[str]:
-        out = list(self.anomalies)
-        for key, m in self.metrics.items():
-            for side, err in m.errors.items():
-                if m.samples[side]:
-                    out.append(f"* {key} ({side}): some runs failed: {err}")
-                else:
-                    out.append(f"- {key} ({side}): {err}")
-            for side, n in m.skipped.items():
-                if n:
-                    out.append(f"* {key} ({side}): {n} run(s) skipped, time budget spent")
-        return out
+        return harness.notes(self.metrics, self.anomalies)
 
     def as_json(self) -> dict:
         return {
@@ -489,25 +395,7 @@ class Bench:
             "servers": {
                 s: {"cmd": self.servers[s].cmd, "error": self.servers[s].error} for s in SIDES
             },
-            "metrics": {
-                k: {
-                    "label": m.label,
-                    "unit": m.unit,
-                    "target": m.target,
-                    "result": m.verdict(),
-                    "ratio": m.ratio(),
-                    **{
-                        s: {
-                            "value": (None if s in m.not_applicable else m.value(s)),
-                            "samples": m.samples[s],
-                            "error": m.errors.get(s),
-                            "not_applicable": s in m.not_applicable,
-                        }
-                        for s in SIDES
-                    },
-                }
-                for k, m in self.metrics.items()
-            },
+            "metrics": {k: m.as_json(SIDES) for k, m in self.metrics.items()},
         }
 
 
@@ -568,6 +456,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=40.0,
         help="seconds per metric and server after which further runs are skipped",
     )
+    p.add_argument(
+        "--upload-64",
+        action="store_true",
+        help="also upload 64 MiB (one run; aiocoap-fileserver assembles it in memory)",
+    )
+    p.add_argument(
+        "--upload-timeout", type=float, default=60.0, help="seconds for the 64 MiB upload"
+    )
+    p.add_argument(
+        "--fleet",
+        action="store_true",
+        help="also run bench/fleet.py (about 4 minutes; under 1 with --quick)",
+    )
+    p.add_argument(
+        "--flood",
+        action="store_true",
+        help="also run bench/flood.py (about 3 minutes; 35 s with --quick)",
+    )
     p.add_argument("--json", metavar="FILE", help="also write all samples as JSON")
     p.add_argument("--keep", action="store_true", help="keep the temporary roots and logs")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
@@ -612,20 +518,33 @@ def main(argv: list[str] | None = None) -> int:
             bench.listings,
             bench.notification_latency,
             bench.peak_rss,
+            lambda: bench.uploads(workdir),
         ):
             step()
             bench.mark_dead()
-        print(
+        harness.print_report(
             f"coap-fileserver (ours) vs aiocoap-fileserver (theirs): medians of {opts.runs} "
-            f"run(s), {time.monotonic() - t0:.0f} s total"
+            f"run(s), {time.monotonic() - t0:.0f} s total",
+            bench.table(),
+            bench.notes(),
         )
-        print(bench.table())
-        notes = bench.notes()
-        if notes:
-            print("\nNotes (- no value; * value from the runs that completed):")
-            print("\n".join(notes))
+        for srv in servers.values():
+            srv.stop()  # the optional sections start servers of their own
+        extra_json = {}
+        for wanted, module in ((opts.fleet, fleet), (opts.flood, flood)):
+            if not wanted:
+                continue
+            sub = module.parse_args(
+                ["--ours-cmd", opts.ours_cmd, "--theirs-cmd", opts.theirs_cmd]
+                + ["--quick"] * opts.quick
+                + ["--quiet"] * opts.quiet
+            )
+            title, text, note_lines, data = module.run(sub)
+            print()
+            harness.print_report(title, text, note_lines)
+            extra_json[module.__name__] = data
         if opts.json:
-            Path(opts.json).write_text(json.dumps(bench.as_json(), indent=2) + "\n")
+            Path(opts.json).write_text(json.dumps(bench.as_json() | extra_json, indent=2) + "\n")
     finally:
         for srv in servers.values():
             srv.stop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,11 +16,22 @@ import time
 from pathlib import Path
 
 import coapmsg
+import proctree
 
+# The repository this bench/ lives in: ours is started from it (cwd and PYTHONPATH), so a
+# worktree benchmarks its own coapfs, not whichever one is installed.
 REPO = Path(__file__).resolve().parent.parent
 
+
+def theirs_executable() -> str:
+    """aiocoap-fileserver from PATH, else the one beside this interpreter (a virtualenv's bin/)."""
+    return shutil.which("aiocoap-fileserver") or str(
+        Path(sys.executable).parent / "aiocoap-fileserver"
+    )
+
+
 OURS_CMD = f"{shlex.quote(sys.executable)} -m coapfs --bind 127.0.0.1:{{port}} {{root}}"
-THEIRS_CMD = "aiocoap-fileserver --bind 127.0.0.1:{port} {root}"
+THEIRS_CMD = f"{shlex.quote(theirs_executable())} --bind 127.0.0.1:{{port}} {{root}}"
 
 SMALL_FILES = 64
 SMALL_SIZE = 256
@@ -49,29 +61,27 @@ def fill_root(root: Path, *, listings: int, big: dict[str, bytes]) -> None:
     (root / "obs" / "watched.txt").write_text("initial\n")
 
 
-def proc_status_kib(pid: int, key: str) -> int | None:
-    """A kB value (VmHWM, VmRSS) from /proc/PID/status."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 class Server:
-    """One server process on a free loopback port."""
+    """One server process on a free loopback port.
 
-    def __init__(self, name: str, cmd_template: str, root: Path, logdir: Path) -> None:
+    The command template may use {port} and {root}, and any further field passed as a keyword
+    (e.g. {workers}); "{cmd} --write" style extensions are the caller's business.
+    """
+
+    def __init__(
+        self, name: str, cmd_template: str, root: Path, logdir: Path, **fields: object
+    ) -> None:
         self.name = name
         self.root = root
         self.port = free_udp_port()
-        self.cmd = cmd_template.format(port=self.port, root=shlex.quote(str(root)))
         self.log_path = logdir / f"{name}.log"
         self.proc: subprocess.Popen | None = None
         self.error: str | None = None
+        try:
+            self.cmd = cmd_template.format(port=self.port, root=shlex.quote(str(root)), **fields)
+        except (KeyError, IndexError, ValueError) as e:
+            self.cmd = cmd_template
+            self.error = f"bad command template {cmd_template!r}: {e!r}"
 
     @property
     def pid(self) -> int:
@@ -80,17 +90,23 @@ class Server:
 
     def start(self, timeout: float = 15.0) -> bool:
         """Start and wait until it answers a CoAP ping; False (with .error) if it never does."""
+        if self.error:
+            return False
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                shlex.split(self.cmd),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-                env=env,
-                stdin=subprocess.DEVNULL,
-            )
+        try:
+            with open(self.log_path, "wb") as log:
+                self.proc = subprocess.Popen(
+                    shlex.split(self.cmd),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=REPO,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                )
+        except (OSError, ValueError) as e:
+            self.error = f"cannot run {self.cmd!r}: {e}"
+            return False
         deadline = time.monotonic() + timeout
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.connect(("127.0.0.1", self.port))
@@ -122,18 +138,53 @@ class Server:
         return lines[-1][:160] if lines else ""
 
     def peak_rss_kib(self) -> int | None:
-        return proc_status_kib(self.pid, "VmHWM") if self.alive() else None
+        return proctree.status_kib(self.pid, "VmHWM") if self.alive() else None
 
     def rss_kib(self) -> int | None:
-        return proc_status_kib(self.pid, "VmRSS") if self.alive() else None
+        return proctree.status_kib(self.pid, "VmRSS") if self.alive() else None
+
+    def tree_rss_kib(self) -> int | None:
+        """VmRSS summed over the server and its workers."""
+        return proctree.tree_rss_kib(self.pid) if self.alive() else None
+
+    def tree_hwm_kib(self) -> dict[int, int]:
+        """VmHWM of each process of the tree, by PID."""
+        return proctree.tree_kib(self.pid, "VmHWM") if self.alive() else {}
+
+    def tree_cpu_seconds(self) -> float:
+        return proctree.tree_cpu_seconds(self.pid) if self.proc is not None else 0.0
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 5 s: only this process, by its PID."""
+        """SIGTERM, then SIGKILL after 5 s, by PID: this process, then any of its own
+        descendants (workers) still alive after it is gone."""
         if self.proc is None or self.proc.poll() is not None:
             return
+        descendants = proctree.tree_pids(self.pid)[1:]
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
+        for pid in descendants:
+            _reap_orphan(pid, self.pid)
+
+
+def _reap_orphan(pid: int, parent: int, timeout: float = 5.0) -> None:
+    """Stop a worker that outlived its server: only if it is still that server's child (or an
+    orphan now owned by init), never a recycled PID of some other process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return
+    if ppid not in (parent, 1):
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+            time.sleep(0.05)
