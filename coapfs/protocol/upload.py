@@ -35,6 +35,12 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 class _Upload:
     spool: Spool
     touched: float
+    last: tuple[int, int] = (-1, 0)  # (block number, size) of the block taken last
+
+    def repeats_last(self, number: int, start: int, size: int) -> bool:
+        """A retransmission of the block taken last (its ACK was lost): answered again,
+        not appended again (`transport.dedup` keeps no copy of the answer to it)."""
+        return (number, size) == self.last and start + size == self.spool.size
 
 
 class Uploads:
@@ -64,6 +70,10 @@ class Uploads:
         key = (request.remote.blockwise_key, request.get_cache_key(_PER_BLOCK_OPTIONS))
         upload = self._pending.pop(key, None)
         if block1.block_number == 0:
+            if upload is not None and upload.repeats_last(0, 0, len(request.payload)):
+                upload.touched = now
+                self._pending[key] = upload
+                return None
             if upload is not None:
                 upload.spool.discard()
                 raise errors.UploadIncomplete(
@@ -75,6 +85,10 @@ class Uploads:
             upload = _Upload(open_spool(), now)
         elif upload is None:
             raise errors.UploadIncomplete("No upload in progress; start with block 0")
+        elif upload.repeats_last(block1.block_number, block1.start, len(request.payload)):
+            upload.touched = now
+            self._pending[key] = upload
+            return None
         try:
             self._append(upload.spool, request, space_left)
         except BaseException:
@@ -83,6 +97,7 @@ class Uploads:
         if not block1.more:
             return upload.spool
         upload.touched = now
+        upload.last = (block1.block_number, len(request.payload))
         self._pending[key] = upload
         self._arm_sweeper()
         return None
