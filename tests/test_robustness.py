@@ -212,6 +212,19 @@ def test_interleaved_uploads_from_one_endpoint_are_never_stitched_together(serve
     assert (root / "same.bin").read_bytes() == b"B" * 17
 
 
+def test_a_retransmitted_block_is_answered_again_not_appended(served) -> None:
+    """Deduplication keeps no answer for intermediate upload blocks: a block sent again (its
+    ACK lost), block 0 included, gets 2.31 again and the file has each block once."""
+    server, root, _outside = served
+    target = [*path("again.bin")]
+    for _ in range(2):
+        answered(server.request(PUT, [*target, (BLOCK1, block(0, True, 0))], b"A" * 16), "2.31")
+    for _ in range(2):
+        answered(server.request(PUT, [*target, (BLOCK1, block(1, True, 0))], b"B" * 16), "2.31")
+    answered(server.request(PUT, [*target, (BLOCK1, block(2, False, 0))], b"C"), "2.01")
+    assert (root / "again.bin").read_bytes() == b"A" * 16 + b"B" * 16 + b"C"
+
+
 def test_parallel_uploads_to_one_name_leave_one_whole_file(served, client: Client) -> None:
     """aiocoap's client sends no Request-Tag: parallel uploads from one context collide (4.08
     for the colliding ones), uploads from separate endpoints both succeed; the file at the name

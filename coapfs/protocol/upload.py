@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import math
 import time
 from collections.abc import Callable, Hashable
@@ -35,12 +36,20 @@ _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 class _Upload:
     spool: Spool
     touched: float
-    last: tuple[int, int] = (-1, 0)  # (block number, size) of the block taken last
+    last: tuple[int, bytes] = (-1, b"")  # block number and digest of the block taken last
 
-    def repeats_last(self, number: int, start: int, size: int) -> bool:
-        """A retransmission of the block taken last (its ACK was lost): answered again,
-        not appended again (`transport.dedup` keeps no copy of the answer to it)."""
-        return (number, size) == self.last and start + size == self.spool.size
+    def repeats_last(self, number: int, start: int, payload: bytes) -> bool:
+        """A retransmission of the block taken last (its ACK was lost; the same bytes): answered
+        again, not appended again (`transport.dedup` keeps no copy of the answer to it). A
+        different block 0 is another upload, not a retransmission."""
+        return (
+            start + len(payload) == self.spool.size
+            and self.last == (number, _digest(payload))
+        )
+
+
+def _digest(payload: bytes) -> bytes:
+    return hashlib.blake2b(payload, digest_size=16).digest()
 
 
 class Uploads:
@@ -70,7 +79,7 @@ class Uploads:
         key = (request.remote.blockwise_key, request.get_cache_key(_PER_BLOCK_OPTIONS))
         upload = self._pending.pop(key, None)
         if block1.block_number == 0:
-            if upload is not None and upload.repeats_last(0, 0, len(request.payload)):
+            if upload is not None and upload.repeats_last(0, 0, request.payload):
                 upload.touched = now
                 self._pending[key] = upload
                 return None
@@ -85,7 +94,7 @@ class Uploads:
             upload = _Upload(open_spool(), now)
         elif upload is None:
             raise errors.UploadIncomplete("No upload in progress; start with block 0")
-        elif upload.repeats_last(block1.block_number, block1.start, len(request.payload)):
+        elif upload.repeats_last(block1.block_number, block1.start, request.payload):
             upload.touched = now
             self._pending[key] = upload
             return None
@@ -97,7 +106,7 @@ class Uploads:
         if not block1.more:
             return upload.spool
         upload.touched = now
-        upload.last = (block1.block_number, len(request.payload))
+        upload.last = (block1.block_number, _digest(request.payload))
         self._pending[key] = upload
         self._arm_sweeper()
         return None
