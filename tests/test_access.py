@@ -25,6 +25,7 @@ from support.identities import Identities
 from support.observer import Observer
 from support.ondisk import snapshot
 from support.polling import wait_until
+from support.ports import free_udp_port
 from support.server import Server, Servers, run_coapfs
 
 EX_CONFIG = 78
@@ -277,6 +278,49 @@ def test_every_change_is_logged_with_identity_size_and_etag(served: Served) -> N
     assert code(alice.delete(served.uri("firmware/logged.bin"))) == "2.02"
     deleted = re.compile(r":alice@127\.0\.0\.1:\d+ deleted /firmware/logged\.bin$", re.M)
     wait_until(lambda: deleted.search(served.server.log()), what=deleted.pattern)
+
+
+NETWORK_RULES = """
+[[access]]
+path = "net/"
+read = "127.0.0.0/8"
+write = "::1/128"
+"""
+
+
+def test_rules_by_source_network(start_server: Servers, tmp_path: Path) -> None:
+    """net/ is readable from 127.0.0.0/8 and writable from ::1 (the server listens on both);
+    from each, the other is 4.03 (no authentication would help), and a listing from ::1
+    leaves net/ out."""
+    root = tmp_path / "root"
+    (root / "net").mkdir(parents=True)
+    (root / "net" / "a.txt").write_text("a\n")
+    (root / "other.txt").write_text("other\n")
+    conf = tmp_path / "server.toml"
+    conf.write_text(NETWORK_RULES)
+    port = free_udp_port()
+    v4, v6 = f"coap://127.0.0.1:{port}", f"coap://[::1]:{port}"
+    binds = ("--bind", f"127.0.0.1:{port}", "--bind", f"[::1]:{port}")
+    server = start_server.start("-v", *binds, "--config", str(conf), str(root))
+    v4client, v6client = Client(), Client()
+    try:
+        server.wait_ready(lambda: v4client.answers(f"{v4}/other.txt"))
+        assert code(v4client.get(f"{v4}/net/a.txt")) == "2.05"
+        refused = v4client.put(f"{v4}/net/b.txt", b"b\n")
+        assert code(refused) == "4.03" and refused.payload
+        assert not (root / "net" / "b.txt").exists()
+        refused = v6client.get(f"{v6}/net/a.txt")
+        assert code(refused) == "4.03" and refused.payload
+        assert code(v6client.put(f"{v6}/net/b.txt", b"b\n")) == "2.01"
+        assert (root / "net" / "b.txt").read_text() == "b\n"
+        assert v4client.get(f"{v4}/").payload == b"</net/>;ct=40,</other.txt>"
+        assert v6client.get(f"{v6}/").payload == b"</other.txt>"
+        # Without an identity, a change is logged with the address it came from.
+        logged = re.compile(r"^.*\[::1\]:\d+ created /net/b\.txt 2 B ETag [0-9a-f]{16}$", re.M)
+        wait_until(lambda: logged.search(server.log()), what=logged.pattern)
+    finally:
+        v4client.close()
+        v6client.close()
 
 
 def test_a_reload_that_revokes_reading_ends_that_observation(
