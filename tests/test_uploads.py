@@ -23,7 +23,7 @@ from support.client import Client
 from support.files import spool_files
 from support.ondisk import snapshot
 from support.polling import wait_until
-from support.process import held_spools, peak_rss
+from support.process import held_spools, peak_rss, seen_by
 from support.raw import (
     BLOCK1,
     GET,
@@ -227,6 +227,44 @@ def test_kill_9_in_the_middle_of_an_upload_leaves_nothing_visible(
         restarted.assert_clean()
     finally:
         restarted.close()
+
+
+# --- no space left ----------------------------------------------------------------------------
+
+
+def test_no_space_left_is_4_13_and_leaves_nothing(tmp_path: Path) -> None:
+    """The root is a 256 KiB tmpfs in a mount namespace of the server's own: a larger upload
+    (no Size1, so the space runs out as blocks arrive) is 4.13 with Size1, or 5.03; the space
+    is all given back, nothing is left in the directory (as the server sees it), a file it was
+    to replace is unchanged, and the server goes on serving and writing."""
+    unshare = require("unshare", "util-linux")
+    root = tmp_path / "small"
+    root.mkdir()
+    mount = 'mount -t tmpfs -o size=256k coapfs-test "$0" && exec "$@"'
+    wrapper = [unshare, "--mount", "--propagation", "private", "sh", "-c", mount, str(root)]
+    server = RawServer(root, tmp_path / "server.log", "--write", wrapper=wrapper)
+    try:
+        inside = seen_by(server.proc.pid, root)
+        assert put_block(server, "kept.txt", 0, b"kept\n", more=False).code == "2.01"
+        before = snapshot(inside), os.statvfs(inside).f_bfree
+        for name in ("kept.txt", "new.bin"):
+            code = "2.31"
+            for num in range(400):
+                response = put_block(server, name, num, b"a" * 1024, more=True)
+                code = response.code
+                if code != "2.31":
+                    break
+            assert code in ("4.13", "5.03"), response
+            assert response.payload, response
+            assert (snapshot(inside), os.statvfs(inside).f_bfree) == before, name
+            if code == "4.13":  # what would fit: more than nothing, no more than is free
+                free = os.statvfs(inside)
+                assert 0 < (size1(response) or 0) <= free.f_bavail * free.f_frsize, response
+        assert ask(server, GET, path("kept.txt")).payload == b"kept\n"
+        assert put_block(server, "after.txt", 0, b"fits\n", more=False).code == "2.01"
+        server.assert_clean()
+    finally:
+        server.close()
 
 
 # --- [upload] limits --------------------------------------------------------------------------
