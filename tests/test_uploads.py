@@ -191,7 +191,7 @@ def spool_wrapper(kind: str) -> list[str]:
     return [unshare, "--mount", "--propagation", "private", "sh", "-c", NO_PROC, "sh"]
 
 
-@pytest.mark.parametrize("kind", ["unnamed"], ids=["unnamed spool"])
+@pytest.mark.parametrize("kind", ["unnamed", "named"], ids=["unnamed spool", "named spool"])
 def test_kill_9_in_the_middle_of_an_upload_leaves_nothing_visible(
     tmp_path: Path, kind: str
 ) -> None:
