@@ -27,6 +27,7 @@ from support.ondisk import snapshot
 from support.polling import wait_until
 from support.ports import free_udp_port
 from support.server import Server, Servers, run_coapfs
+from support.tools import require
 
 EX_CONFIG = 78
 
@@ -371,6 +372,46 @@ def test_a_reload_that_revokes_reading_ends_that_observation(
     finally:
         alice.close()
         bob.close()
+
+
+WARNING = "write = true and no [[access]] rule restricts writing"
+
+
+def test_write_true_beyond_loopback_without_a_rule_is_warned_of(
+    start_server: Servers, tmp_path: Path
+) -> None:
+    """At start and after every reload that changes write, the rules or the binds: warned of
+    when anyone may write and the server is reachable beyond loopback, not otherwise. The
+    server runs in a network namespace of its own, so binding all addresses exposes nothing."""
+    unshare, ip = require("unshare", "util-linux"), require("ip", "iproute2")
+    wrapper = [unshare, "--net", "sh", "-c", f'{ip} link set lo up && exec "$@"', "sh"]
+    root = tmp_path / "root"
+    root.mkdir()
+    conf = tmp_path / "server.toml"
+    restricted = '[[access]]\npath = "/"\nwrite = "127.0.0.0/8"\n'
+
+    def configure(bind: str, rules: str = "") -> None:
+        conf.write_text(f'root = "{root}"\nwrite = true\nbind = [{bind}]\n{rules}')
+
+    configure("")  # all addresses
+    server = start_server.start("-v", "--config", str(conf), wrapper=wrapper, notify=True)
+    assert server.notify is not None
+    server.notify.wait_for("READY")
+    warned = [server.log().count(WARNING)]
+    for bind, rules in [
+        ('"127.0.0.1:5683", "[::1]:5683"', ""),  # loopback only
+        ('"[::]:5683"', restricted),  # beyond, but a rule says who writes
+        ('"[::]:5683"', ""),  # beyond, and anyone writes
+        ('"[::]:5683"', ""),  # unchanged: said once is enough
+    ]:
+        configure(bind, rules)
+        server.send(signal.SIGHUP)
+        server.notify.wait_for("RELOADING")
+        assert "FAILED" not in server.notify.wait_for("READY")["STATUS"], server.log()
+        warned.append(server.log().count(WARNING))
+    assert warned == [1, 1, 1, 2, 2], server.log()
+    assert "anyone who can reach all addresses may replace and delete files" in server.log()
+    assert "anyone who can reach [::]:5683 may" in server.log()
 
 
 @pytest.mark.parametrize(
