@@ -306,6 +306,8 @@ def test_rules_by_source_network(start_server: Servers, tmp_path: Path) -> None:
     v4client, v6client = Client(), Client()
     try:
         server.wait_ready(lambda: v4client.answers(f"{v4}/other.txt"))
+        ready = re.compile(r"Ready: .*, read-write, ")  # writable by a rule, not write = true
+        wait_until(lambda: ready.search(server.log()), what=ready.pattern, details=server.log)
         assert code(v4client.get(f"{v4}/net/a.txt")) == "2.05"
         refused = v4client.put(f"{v4}/net/b.txt", b"b\n")
         assert code(refused) == "4.03" and refused.payload

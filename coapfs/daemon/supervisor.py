@@ -205,7 +205,7 @@ class Supervisor:
         service = self.service.service
         stats = self.service.stats()
         binds = ", ".join(str(e) for e in self._contexts) or "nothing bound"
-        access = "read-write" if service.write else "read-only"
+        access = "read-write" if self.service.rules.writable_somewhere else "read-only"
         errors = stats["client_errors"] + stats["server_errors"]
         traffic = f"{stats['requests']} requests, {errors} errors"
         if stats["server_errors"]:
