@@ -361,7 +361,7 @@ def test_a_reload_that_revokes_reading_ends_that_observation(
         final = (
             bob_observer.notifications[-1]
             if bob_observer.notifications
-            else bob_observer.ended.coapmessage  # type: ignore[union-attr]
+            else bob_observer.ended.coapmessage
         )
         assert final.code == codes.FORBIDDEN and final.payload, final
         assert code(bob.get(uri)) == "4.03"
