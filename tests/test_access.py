@@ -384,9 +384,11 @@ def test_write_true_beyond_loopback_without_a_rule_is_warned_of(
 ) -> None:
     """At start and after every reload that changes write, the rules or the binds: warned of
     when anyone may write and the server is reachable beyond loopback, not otherwise. The
-    server runs in a network namespace of its own, so binding all addresses exposes nothing."""
+    server runs in a (user and) network namespace of its own, so binding all addresses
+    exposes nothing."""
     unshare, ip = require("unshare", "util-linux"), require("ip", "iproute2")
-    wrapper = [unshare, "--net", "sh", "-c", f'{ip} link set lo up && exec "$@"', "sh"]
+    net = [unshare, "--user", "--map-root-user", "--net"]
+    wrapper = [*net, "sh", "-c", f'{ip} link set lo up && exec "$@"', "sh"]
     root = tmp_path / "root"
     root.mkdir()
     conf = tmp_path / "server.toml"

@@ -178,9 +178,9 @@ def test_concurrent_if_match_puts_with_the_same_etag_have_one_winner(
 
 # --- kill -9 in the middle of an upload -------------------------------------------------------
 
-#: The server's mount namespace without /proc: an unnamed (O_TMPFILE) spool cannot be linked
-#: into place there, so uploads are spooled to hidden names, as on a file system without
-#: unnamed files.
+#: A (user and) mount namespace of the server's own without /proc: an unnamed (O_TMPFILE)
+#: spool cannot be linked into place there, so uploads are spooled to hidden names, as on a
+#: file system without unnamed files.
 NO_PROC = 'mount -t tmpfs coapfs-no-proc /proc && exec "$@"'
 
 
@@ -188,7 +188,7 @@ def spool_wrapper(kind: str) -> list[str]:
     if kind == "unnamed":
         return []
     unshare = require("unshare", "util-linux")
-    return [unshare, "--mount", "--propagation", "private", "sh", "-c", NO_PROC, "sh"]
+    return [unshare, "--user", "--map-root-user", "--mount", "sh", "-c", NO_PROC, "sh"]
 
 
 @pytest.mark.parametrize("kind", ["unnamed", "named"], ids=["unnamed spool", "named spool"])
@@ -233,7 +233,8 @@ def test_kill_9_in_the_middle_of_an_upload_leaves_nothing_visible(
 
 
 def test_no_space_left_is_4_13_and_leaves_nothing(tmp_path: Path) -> None:
-    """The root is a 256 KiB tmpfs in a mount namespace of the server's own: a larger upload
+    """The root is a 256 KiB tmpfs in a user and mount namespace of the server's own (so that
+    no privilege is needed): a larger upload
     (no Size1, so the space runs out as blocks arrive) is 4.13 with Size1, or 5.03; the space
     is all given back, nothing is left in the directory (as the server sees it), a file it was
     to replace is unchanged, and the server goes on serving and writing."""
@@ -241,7 +242,7 @@ def test_no_space_left_is_4_13_and_leaves_nothing(tmp_path: Path) -> None:
     root = tmp_path / "small"
     root.mkdir()
     mount = 'mount -t tmpfs -o size=256k coapfs-test "$0" && exec "$@"'
-    wrapper = [unshare, "--mount", "--propagation", "private", "sh", "-c", mount, str(root)]
+    wrapper = [unshare, "--user", "--map-root-user", "--mount", "sh", "-c", mount, str(root)]
     server = RawServer(root, tmp_path / "server.log", "--write", wrapper=wrapper)
     try:
         inside = seen_by(server.proc.pid, root)
