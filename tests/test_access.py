@@ -130,40 +130,33 @@ def send_observe(client: Client, uri: str) -> aiocoap.Message:
     return observer.first
 
 
+def send_get(client: Client, uri: str, who: str) -> aiocoap.Message:
+    return client.get(uri)
+
+
+def read_only(present: Path, absent: Path, who: str) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class Op:
     permission: str
     present: str  # a path that exists ({area}, {who} filled in)
     absent: str  # one that does not
     done: tuple[str, str]  # the codes when allowed, for present and absent
-    send: Callable[[Client, str, str], aiocoap.Message]  # (client, uri, who)
-    effect: Callable[[Path, Path, str], bool]  # (present, absent, who): it happened
+    send: Callable[[Client, str, str], aiocoap.Message] = send_get  # (client, uri, who)
+    effect: Callable[[Path, Path, str], bool] = read_only  # (present, absent, who): done
 
 
 OPS = {
-    "GET": Op(
-        "read",
-        "{area}/file.txt",
-        "{area}/missing.txt",
-        ("2.05", "4.04"),
-        lambda c, uri, who: c.get(uri),
-        lambda present, absent, who: True,
-    ),
-    "listing": Op(
-        "read",
-        "{area}/",
-        "{area}/missing/",
-        ("2.05", "4.04"),
-        lambda c, uri, who: c.get(uri),
-        lambda present, absent, who: True,
-    ),
+    "GET": Op("read", "{area}/file.txt", "{area}/missing.txt", ("2.05", "4.04")),
+    "listing": Op("read", "{area}/", "{area}/missing/", ("2.05", "4.04")),
     "Observe": Op(
         "read",
         "{area}/file.txt",
         "{area}/missing.txt",
         ("2.05", "4.04"),
         lambda c, uri, who: send_observe(c, uri),
-        lambda present, absent, who: True,
     ),
     "PUT": Op(
         "write",
