@@ -433,3 +433,22 @@ def test_content_format_is_stored_and_served_back(
     assert client.put(server.uri("notes.txt"), b"just text\n").code == codes.CHANGED
     assert client.get(server.uri("notes.txt")).opt.content_format == text_format
     assert client.get(server.uri("notes.txt"), accept=json_format).code == codes.NOT_ACCEPTABLE
+
+
+def test_without_extended_attributes_the_format_is_guessed(
+    start_server: Servers, tmp_path: Path, client: Client
+) -> None:
+    """On a file system without user extended attributes (ramfs, in a user and mount namespace
+    of the server's own) a PUT with Content-Format still succeeds; the format is not kept, and
+    the name decides it, as for any other file."""
+    unshare = require("unshare", "util-linux")
+    root = tmp_path / "ramfs"
+    root.mkdir()
+    mount = 'mount -t ramfs coapfs-test "$0" && exec "$@"'
+    wrapper = [unshare, "--user", "--map-root-user", "--mount", "sh", "-c", mount, str(root)]
+    server = start_server.start("--write", root=root, wrapper=wrapper)
+    server.wait_ready(lambda: client.answers(server.uri(".well-known/core")))
+    for name, guess in (("record", None), ("notes.txt", 0)):
+        assert client.put(server.uri(name), b"{}", content_format=50).code == codes.CREATED
+        response = client.get(server.uri(name))
+        assert (response.payload, response.opt.content_format) == (b"{}", guess), name
