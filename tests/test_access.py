@@ -19,6 +19,7 @@ from pathlib import Path
 import aiocoap
 import pytest
 from aiocoap.numbers import codes
+from aiocoap.optiontypes import BlockOption
 
 from support.client import Client
 from support.identities import Identities
@@ -30,6 +31,7 @@ from support.server import Server, Servers, run_coapfs
 from support.tools import require
 
 EX_CONFIG = 78
+BlockwiseTuple = BlockOption.BlockwiseTuple
 
 RULES = """
 [[access]]                  # the root's listing is anyone's: it shows what each may read
@@ -234,6 +236,31 @@ def test_no_rule_beneath_allows_what_a_deeper_rule_forbids(served: Served) -> No
     assert code(anonymous.put(served.uri("firmware/locked/new.bin"), b"x")) == "4.03"
     assert code(anonymous.put(served.uri("firmware/x.bin"), b"x")) == "4.01"
     assert snapshot(served.root) == before
+
+
+def test_an_upload_is_refused_at_its_first_block(served: Served) -> None:
+    """Before anything is spooled: block 0 of Bob's or an anonymous upload to firmware/ is
+    already the refusal, where Alice's is a 2.31 Continue."""
+
+    def block(who: str, num: int, more: bool) -> str:
+        message = aiocoap.Message(
+            code=aiocoap.PUT,
+            uri=served.uri("firmware/upload.bin"),
+            payload=b"x" * 1024,
+            block1=BlockwiseTuple(num, more, 6),
+        )
+        client = served.clients[who]
+
+        async def send() -> aiocoap.Message:
+            return await client.context.request(message, handle_blockwise=False).response
+
+        return code(client.run(send()))
+
+    assert block("anonymous", 0, True) == "4.01"
+    assert block("bob", 0, True) == "4.03"
+    assert not (served.root / "firmware" / "upload.bin").exists()
+    assert (block("alice", 0, True), block("alice", 1, False)) == ("2.31", "2.01")
+    assert (served.root / "firmware" / "upload.bin").read_bytes() == b"x" * 2048
 
 
 def test_listings_show_what_each_may_read_with_an_etag_of_their_own(served: Served) -> None:
