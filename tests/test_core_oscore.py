@@ -10,15 +10,7 @@ import pytest
 from aiocoap.numbers import codes
 
 from support.client import Client
-
-
-def write_context(directory: Path, sender: str, recipient: str, secret: str) -> None:
-    directory.mkdir(parents=True)
-    (directory / "settings.json").write_text(
-        json.dumps(
-            {"sender-id_ascii": sender, "recipient-id_ascii": recipient, "secret_ascii": secret}
-        )
-    )
+from support.identities import write_context
 
 
 @pytest.fixture

@@ -38,7 +38,7 @@ def _hostport(address: IPAddress | None, port: int | None) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def _parse_ip(host: str) -> IPAddress | None:
+def parse_ip(host: str) -> IPAddress | None:
     """An address as the socket reports it (IPv4-mapped IPv6 becomes IPv4, a scope is dropped)."""
     try:
         address = ipaddress.ip_address(host.split("%", 1)[0])
@@ -54,7 +54,7 @@ def _source(remote: Any) -> tuple[IPAddress | None, int | None]:
     for _ in range(4):
         sockaddr = getattr(remote, "sockaddr", None)
         if isinstance(sockaddr, tuple) and len(sockaddr) >= 2:
-            return _parse_ip(str(sockaddr[0])), int(sockaddr[1])
+            return parse_ip(str(sockaddr[0])), int(sockaddr[1])
         underlying = getattr(remote, "underlying_address", None)
         if underlying is None:
             break
@@ -63,7 +63,7 @@ def _source(remote: Any) -> tuple[IPAddress | None, int | None]:
         host, port = hostportsplit(remote.hostinfo)
     except Exception:
         return None, None
-    return _parse_ip(host), port
+    return parse_ip(host), port
 
 
 def peer_of(remote: Any) -> Peer:

@@ -56,8 +56,8 @@ def parse_principal(text: str) -> Principal:
         return Principal(text, "anyone")
     if text == AUTHENTICATED:
         return Principal(text, "authenticated")
-    if text.startswith(":") and len(text) > 1:
-        return Principal(text, "label")
+    if text.startswith(":") and not text.startswith("::") and len(text) > 1:
+        return Principal(text, "label")  # "::1", "::/0": IPv6, not a label
     try:
         network = ipaddress.ip_network(text, strict=True)
     except ValueError as e:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from collections.abc import Callable
 
 import aiocoap
 from aiocoap.numbers.codes import Code
 from aiocoap.resourcedirectory.client.register import Registerer
 
+from ..access.peer import parse_ip
 from ..config import Config, ConfigError, Loaded, Loader
 from ..protocol.resource import FileService, Prepared
 from ..transport.context import WireGuards
@@ -114,6 +116,7 @@ class Supervisor:
         self.service.start()
         self._register(self.config)
         self._warn_if_unwritable()
+        self._warn_if_anyone_writes_beyond_loopback()
 
     def _warn_if_unwritable(self) -> None:
         """`write = true` on a root this process cannot write: every PUT would get 4.03."""
@@ -134,6 +137,20 @@ class Supervisor:
             UNIT_DROPIN_DIR,
             root,
         )
+
+    def _warn_if_anyone_writes_beyond_loopback(self) -> None:
+        """`write = true` means anyone who reaches the port may write (aiocoap-fileserver's
+        meaning), which beyond loopback is rarely what was meant once [[access]] rules exist."""
+        if not (self.config.write and self.service.rules.anyone_writes_somewhere):
+            return
+        exposed = [str(e) for e in self._contexts if not _loopback_only(e)]
+        if exposed:
+            log.warning(
+                "write = true and no [[access]] rule restricts writing: anyone who can reach %s "
+                "may replace and delete files; name who may write in [[access]] rules "
+                '(e.g. write = ":client-label" or a network)',
+                ", ".join(exposed),
+            )
 
     def _register(self, config: Config) -> None:
         if config.register is False or not self._contexts:
@@ -188,7 +205,7 @@ class Supervisor:
         service = self.service.service
         stats = self.service.stats()
         binds = ", ".join(str(e) for e in self._contexts) or "nothing bound"
-        access = "read-write" if service.write else "read-only"
+        access = "read-write" if self.service.rules.writable_somewhere else "read-only"
         errors = stats["client_errors"] + stats["server_errors"]
         traffic = f"{stats['requests']} requests, {errors} errors"
         if stats["server_errors"]:
@@ -255,6 +272,8 @@ class Supervisor:
         self.loaded = loaded
         if new.write and (new.write, new.root) != (old.write, old.root):
             self._warn_if_unwritable()
+        if (new.write, new.access, new.bind) != (old.write, old.access, old.bind):
+            self._warn_if_anyone_writes_beyond_loopback()
 
     async def _rebind(self, wanted: list[Endpoint], loaded: Loaded) -> None:
         """Shut down contexts no longer wanted, bind new ones; on failure restore the old set."""
@@ -311,3 +330,16 @@ class Supervisor:
         contexts, self._contexts = list(self._contexts.values()), {}
         await asyncio.gather(*(c.shutdown() for c in contexts), return_exceptions=True)
         self.service.close()
+
+
+def _loopback_only(endpoint: Endpoint) -> bool:
+    """Whether only this host can reach the endpoint (a bind to loopback addresses alone)."""
+    host = endpoint.bind.host if endpoint.bind is not None else None
+    if not host:
+        return False  # all addresses
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)}
+    except OSError:
+        return False
+    addresses = [parse_ip(str(a)) for a in found]
+    return bool(addresses) and all(a is not None and a.is_loopback for a in addresses)

@@ -135,9 +135,15 @@ class FileService(Resource, ObservableResource):
             self._spawn(self._sweep())
 
     async def _sweep(self) -> None:
-        removed = await self.tree.sweep(older_than=self.service.upload.idle_timeout)
-        if removed:
-            log.info("Removed %d file(s) left behind by interrupted writes", removed)
+        """Remove what interrupted writes left: at start-up what has been idle for longer than
+        an upload may be, and once more when that holds for the rest (what a run killed just
+        before left behind, which is younger than that at start-up)."""
+        idle = self.service.upload.idle_timeout
+        for delay in (0.0, idle):
+            await asyncio.sleep(delay)
+            removed = await self.tree.sweep(older_than=idle)
+            if removed:
+                log.info("Removed %d file(s) left behind by interrupted writes", removed)
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)

@@ -149,7 +149,9 @@ class Uploads:
             spool.write(request.payload)
         except OSError as e:
             if e.errno in _NO_SPACE:
-                raise errors.UploadTooLarge(limit=max(space_left(), 0)) from None
+                # What fits once this upload is dropped (its spool's space is given back).
+                limit = max(space_left(), 0) + spool.size
+                raise errors.UploadTooLarge(limit=limit) from None
             raise
 
     def _check_size(self, size: int, space_left: Callable[[], int]) -> None:

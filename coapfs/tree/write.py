@@ -169,6 +169,9 @@ def _user_name() -> str:
 
 
 def space_left(root: Root) -> int:
-    """Bytes an unprivileged writer may still use on the file system holding the root."""
+    """Bytes an unprivileged writer may still use on the file system holding the root; where it
+    reports no sizes at all (ramfs, some FUSE file systems) only a failed write can tell."""
     st = os.fstatvfs(root.fd)
+    if st.f_blocks == 0:
+        return sys.maxsize
     return st.f_bavail * st.f_frsize
