@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bind", help=BIND_HELP, action="append", default=None)
     p.add_argument(
+        "--workers",
+        help='worker processes serving the binds: N, or "auto" (one per CPU); default 1',
+        metavar="N|auto",
+        type=lambda v: v if v == "auto" else int(v),
+        default=None,
+    )
+    p.add_argument(
         "--access-log",
         help="log one line per request (peer, method, path, code, bytes, duration)",
         action=argparse.BooleanOptionalAction,
@@ -113,6 +120,7 @@ def command_line_values(opts: argparse.Namespace) -> dict[str, Any]:
         "tls_server_key": opts.tls_server_key,
         "verbosity": min(opts.verbosity, 3) if opts.verbosity is not None else None,
         "access_log": opts.access_log,
+        "workers": opts.workers,
     }
     return {k: v for k, v in given.items() if v is not None}
 

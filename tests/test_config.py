@@ -227,11 +227,11 @@ def test_check_environment_root_and_files(tmp_path: Path) -> None:
 
 def test_shipped_example_lists_every_key_with_its_default() -> None:
     """etc/coap-fileserver.toml (the package's conffile) sets the served root, as an absolute
-    path so that `--check-config` run from anywhere checks what the service serves, and shows
-    every other key commented out with its built-in default."""
+    path so that `--check-config` run from anywhere checks what the service serves, and a worker
+    per CPU, and shows every other key commented out with its built-in default."""
     text = (REPO / "etc" / "coap-fileserver.toml").read_text()
     empty_tables = {t: {} for t in ("cache", "observe", "upload", "amplification", "deduplication")}
-    assert tomllib.loads(text) == {"root": "/srv/coap", **empty_tables}
+    assert tomllib.loads(text) == {"root": "/srv/coap", "workers": "auto", **empty_tables}
     uncommented = re.sub(r"^# (\w+ = )", r"\1", text, flags=re.MULTILINE)
     raw = tomllib.loads(uncommented)
     flat = {k: v for k, v in raw.items() if not isinstance(v, dict)}
@@ -247,6 +247,8 @@ def test_shipped_example_lists_every_key_with_its_default() -> None:
             value = value[part]
         if key == "root":
             assert value == Path("/srv/coap") and default == Path(".")
+        elif key == "workers":
+            assert value == "auto" and default == 1  # the packaged service uses every core
         else:
             assert value == default, key
     # and each key has a line of explanation right above it

@@ -168,6 +168,14 @@ def register(v: Any) -> bool | str:
     return v
 
 
+def worker_processes(v: Any) -> int | str:
+    if v == "auto":
+        return v
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 256:
+        raise Invalid('a number of processes from 1 to 256, or "auto" (one per CPU)')
+    return v
+
+
 def permission_bits(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0o777:
         raise Invalid("permission bits like 0o644 (TOML octal), without setuid/setgid/sticky")
@@ -320,6 +328,9 @@ class Config:
     )
     tls_server_key: Path | None = key(None, optional_path, "TLS key (PEM) for that certificate")
     verbosity: int = key(0, integer(0, 3), "0 warnings, 1 info, 2 debug (+aiocoap info), 3 all")
+    workers: int | str = key(
+        1, worker_processes, 'processes serving the binds: a number, or "auto" (one per CPU)'
+    )
     access_log: bool = key(
         False, boolean, "log one line per request: peer, method, path, code, bytes, duration"
     )

@@ -34,9 +34,17 @@ class Endpoint:
     credentials: Path | None
     tls_server_certificate: Path | None
     tls_server_key: Path | None
+    #: CoAP over UDP alone: a worker other than the first (which alone holds the credentials,
+    #: and serves TCP and TLS).
+    udp_only: bool = False
 
     def __str__(self) -> str:
         return str(self.bind) if self.bind is not None else "all addresses"
+
+    @property
+    def hostport(self) -> tuple[str | None, int | None] | None:
+        """The bind as aiocoap takes it (None: all addresses, default port)."""
+        return self.bind.hostport if self.bind is not None else None
 
     @property
     def port(self) -> int:
@@ -48,7 +56,7 @@ class Endpoint:
     def namespace(self) -> argparse.Namespace:
         """The shape aiocoap's server_context_from_arguments expects (argparse output)."""
         return argparse.Namespace(
-            bind=self.bind.hostport if self.bind is not None else None,
+            bind=self.hostport,
             credentials=self.credentials,
             tls_server_certificate=(
                 str(self.tls_server_certificate) if self.tls_server_certificate else None
@@ -60,7 +68,7 @@ class Endpoint:
         """A bound server context for `site`; errors become one line naming what failed."""
         log.debug("Binding %s", self)
         try:
-            return await server_context(site, self.namespace(), guards)
+            return await server_context(site, self.namespace(), guards, udp_only=self.udp_only)
         except ssl.SSLError as e:
             raise loaded.error(
                 "tls_server_certificate",
@@ -68,12 +76,7 @@ class Endpoint:
                 e.reason or str(e),
             ) from None
         except OSError as e:
-            problem = e.strerror or str(e)
-            if e.errno == errno.EADDRINUSE:
-                held_by = port.holder(self.port)
-                if held_by is not None:
-                    problem += f" (held by {held_by})"
-            raise StartupError(f"cannot bind {self}: {problem}") from None
+            raise self.bind_error(e) from None
         except ConfigError:
             raise
         except Exception as e:
@@ -85,8 +88,21 @@ class Endpoint:
             ) from None
 
 
-def endpoints(config: Config) -> list[Endpoint]:
+    def bind_error(self, error: OSError) -> StartupError:
+        """`cannot bind ADDRESS: PROBLEM`, naming who holds the port where that is visible."""
+        problem = error.strerror or str(error)
+        if error.errno == errno.EADDRINUSE:
+            held_by = port.holder(self.port)
+            if held_by is not None:
+                problem += f" (held by {held_by})"
+        return StartupError(f"cannot bind {self}: {problem}")
+
+
+def endpoints(config: Config, *, primary: bool = True) -> list[Endpoint]:
+    """The endpoints of a configuration; a worker other than the first serves plain UDP only."""
     binds: tuple[Bind | None, ...] = config.bind or (None,)
+    if not primary:
+        return [Endpoint(b, None, None, None, udp_only=True) for b in binds]
     return [
         Endpoint(b, config.credentials, config.tls_server_certificate, config.tls_server_key)
         for b in binds

@@ -1,9 +1,11 @@
-"""The program's lifecycle: open the root, bind, tell systemd, reload on SIGHUP, stop cleanly.
+"""The program's lifecycle, and its one owner: bind, tell systemd, reload on SIGHUP, feed the
+watchdog, stop cleanly.
 
-The resource (`protocol.resource.FileService`) is protocol behaviour only; this module owns
-everything around it, as aiocoap's fileserver program does for its resource: the aiocoap
-contexts (one per bind address), the resource-directory registration, sd_notify states,
-the watchdog, signals and the reload of the configuration.
+What is served lives in `serving.Server`; the supervisor drives it in its own process with one
+worker (`serving.InProcess`), or in worker processes (`workers.WorkerPool`) with several. Either
+way it sends READY=1 once everything serves, STATUS= with the figures of all, WATCHDOG=1 only
+while everything is responsive, and RELOADING=1 ... READY=1 around a reload that every worker
+applies or none does.
 """
 
 from __future__ import annotations
@@ -11,36 +13,37 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import socket
 from collections.abc import Callable
+from typing import Any, Protocol
 
-import aiocoap
-from aiocoap.numbers.codes import Code
-from aiocoap.resourcedirectory.client.register import Registerer
-
-from ..access.peer import parse_ip
+from ..access.rules import Rules
 from ..config import Config, ConfigError, Loaded, Loader
-from ..protocol.resource import FileService, Prepared
-from ..transport.context import WireGuards
-from . import journal
-from .endpoint import Endpoint, StartupError, endpoints
-from .gate import Gate
-from .preflight import check_environment, root_error
+from .endpoint import Endpoint, StartupError
+from .preflight import check_environment
 from .service_manager import ServiceManager, watchdog_interval
+from .serving import InProcess
+from .workers import WorkerPool, worker_count
 
 log = logging.getLogger(__name__)
 
-#: How long in-flight exchanges may take to finish once SIGTERM arrived.
-STOP_GRACE = 2.0
-#: Deregistering from the RD must not hold up a stop indefinitely.
-DEREGISTER_TIMEOUT = 3.0
 #: Seconds between STATUS= refreshes (sent only when the line changed).
 STATUS_INTERVAL = 5.0
-#: Registration lifetime, as aiocoap-fileserver.
-REGISTER_LIFETIME = 60
-#: The drop-in that lets the packaged service write its root, and where it goes.
-WRITE_DROPIN = "/usr/share/doc/coap-fileserver/examples/write.conf"
-UNIT_DROPIN_DIR = "/etc/systemd/system/coap-fileserver.service.d"
+
+
+class Serving(Protocol):
+    """What the supervisor drives: the in-process server, or the pool of worker processes."""
+
+    async def start(self) -> None: ...
+
+    async def reload(self, loaded: Loaded) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def responsive(self) -> bool: ...
+
+    def bound(self) -> list[Endpoint]: ...
 
 
 class Supervisor:
@@ -50,19 +53,15 @@ class Supervisor:
         self,
         loader: Loader,
         loaded: Loaded,
-        service: FileService,
+        serving: Serving,
         *,
         on_ready: Callable[[], None] | None = None,
     ) -> None:
         self.loader = loader
         self.loaded = loaded
-        self.service = service
-        self.gate = Gate(service)
-        self.guards = WireGuards(loaded.config.amplification, loaded.config.deduplication)
+        self.serving = serving
         self.manager = ServiceManager()
         self._on_ready = on_ready
-        self._contexts: dict[Endpoint, aiocoap.Context] = {}
-        self._registerer: Registerer | None = None
         self._stop = asyncio.Event()
         self._reload_wanted = asyncio.Event()
         self._reload_error: str | None = None
@@ -73,18 +72,17 @@ class Supervisor:
     def open(
         cls, loader: Loader, loaded: Loaded, *, on_ready: Callable[[], None] | None = None
     ) -> Supervisor:
-        """A supervisor with its file service built (the root opened; ConfigError if not)."""
-        try:
-            service = FileService(loaded.config.service)
-        except OSError as e:
-            raise root_error(loaded, e) from None
-        return cls(loader, loaded, service, on_ready=on_ready)
+        """A supervisor with what it serves made: in this process (the root opened now;
+        ConfigError if it cannot be), or by worker processes."""
+        count = worker_count(loaded.config)
+        serving: Serving = InProcess(loaded) if count == 1 else WorkerPool(loaded, count)
+        return cls(loader, loaded, serving, on_ready=on_ready)
 
     @property
     def config(self) -> Config:
         return self.loaded.config
 
-    # --- start-up ---------------------------------------------------------------------------
+    # --- running ----------------------------------------------------------------------------
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -92,7 +90,7 @@ class Supervisor:
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload_wanted.set)
         try:
-            await self._start()
+            await self.serving.start()
             self._served = True
             self.manager.ready(self.status_line())
             log.info("Ready: %s", self.status_line())
@@ -110,76 +108,20 @@ class Supervisor:
                     loop.remove_signal_handler(sig)
         return 0
 
-    async def _start(self) -> None:
-        for endpoint in endpoints(self.config):
-            self._contexts[endpoint] = await endpoint.bind_to(self.gate, self.loaded, self.guards)
-        self.service.start()
-        self._register(self.config)
-        self._warn_if_unwritable()
-        self._warn_if_anyone_writes_beyond_loopback()
-
-    def _warn_if_unwritable(self) -> None:
-        """`write = true` on a root this process cannot write: every PUT would get 4.03."""
-        if not self.config.write:
-            return
-        reason = self.service.tree.unwritable_reason()
-        if reason is None:
-            return
-        root = self.config.root
-        log.warning(
-            "write = true, but %s cannot be written: %s; PUT and DELETE will be refused. "
-            "Under systemd, install the drop-in that opens it (cp %s %s/) and give the service "
-            "the directory (chown coap-fileserver:coap-fileserver %s), then "
-            "systemctl daemon-reload && systemctl restart coap-fileserver",
-            root,
-            reason,
-            WRITE_DROPIN,
-            UNIT_DROPIN_DIR,
-            root,
-        )
-
-    def _warn_if_anyone_writes_beyond_loopback(self) -> None:
-        """`write = true` means anyone who reaches the port may write (aiocoap-fileserver's
-        meaning), which beyond loopback is rarely what was meant once [[access]] rules exist."""
-        if not (self.config.write and self.service.rules.anyone_writes_somewhere):
-            return
-        exposed = [str(e) for e in self._contexts if not _loopback_only(e)]
-        if exposed:
-            log.warning(
-                "write = true and no [[access]] rule restricts writing: anyone who can reach %s "
-                "may replace and delete files; name who may write in [[access]] rules "
-                '(e.g. write = ":client-label" or a network)',
-                ", ".join(exposed),
-            )
-
-    def _register(self, config: Config) -> None:
-        if config.register is False or not self._contexts:
-            return
-        rd = None if config.register is True else config.register
-        if rd is not None and rd.count("/") != 2:
-            log.warning("Resource directory %s does not look like a host-only CoAP URI", rd)
-        first = next(iter(self._contexts.values()))
-        self._registerer = Registerer(first, rd=rd, lt=REGISTER_LIFETIME)
-
-    async def _deregister(self) -> None:
-        registerer, self._registerer = self._registerer, None
-        if registerer is None:
-            return
-        try:
-            await asyncio.wait_for(registerer.shutdown(), DEREGISTER_TIMEOUT)
-        except TimeoutError:
-            log.warning("Deregistering from the resource directory timed out")
-
-    # --- running ----------------------------------------------------------------------------
-
     def _start_tasks(self) -> None:
         interval = watchdog_interval()
         if interval is not None:
             log.debug("Watchdog: pinging every %.3f s", interval)
-            self._tasks.append(
-                asyncio.create_task(self.manager.keep_watchdog_fed(interval), name="watchdog")
-            )
+            self._tasks.append(asyncio.create_task(self._feed_watchdog(interval), name="watchdog"))
         self._tasks.append(asyncio.create_task(self._refresh_status(), name="status"))
+
+    async def _feed_watchdog(self, interval: float) -> None:
+        """From this event loop, and only while every worker's loop answers too: a stalled
+        process anywhere stops the pings, and systemd restarts the service."""
+        while True:
+            if self.serving.responsive():
+                self.manager.watchdog()
+            await asyncio.sleep(interval)
 
     async def _serve(self) -> None:
         """Wait for a stop, doing reloads in between (one at a time, in signal order)."""
@@ -201,16 +143,21 @@ class Supervisor:
             self.manager.status(self.status_line())
 
     def status_line(self) -> str:
-        """Root, binds, access, cache mode, traffic; and a failed reload, if any."""
-        service = self.service.service
-        stats = self.service.stats()
-        binds = ", ".join(str(e) for e in self._contexts) or "nothing bound"
-        access = "read-write" if self.service.rules.writable_somewhere else "read-only"
-        errors = stats["client_errors"] + stats["server_errors"]
-        traffic = f"{stats['requests']} requests, {errors} errors"
-        if stats["server_errors"]:
+        """Root, binds, access, cache mode, traffic and what the limits did; a failed reload."""
+        config = self.config
+        stats = self.serving.stats()
+        binds = ", ".join(str(e) for e in self.serving.bound()) or "nothing bound"
+        writable = Rules(config.access, write_by_anyone=config.write).writable_somewhere
+        access = "read-write" if writable else "read-only"
+        errors = stats.get("client_errors", 0) + stats.get("server_errors", 0)
+        traffic = f"{stats.get('requests', 0)} requests, {errors} errors"
+        if stats.get("server_errors"):
             traffic += f" ({stats['server_errors']} server errors)"
-        line = f"Serving {service.root} on {binds}, {access}, cache {stats['mode']}; {traffic}"
+        workers = f", {stats['workers']} workers" if stats.get("workers", 1) > 1 else ""
+        line = (
+            f"Serving {config.root} on {binds}{workers}, {access}, "
+            f"cache {stats.get('mode', config.cache.mode)}; {traffic}"
+        )
         if self._reload_error is not None:
             line += f"; RELOAD FAILED, old configuration kept: {self._reload_error}"
         return line
@@ -228,7 +175,9 @@ class Supervisor:
         try:
             loaded = self.loader.load()
             check_environment(loaded)
-            await self._apply(loaded)
+            if worker_count(loaded.config) != worker_count(self.config):
+                log.warning("workers = %s takes effect at the next restart", loaded.config.workers)
+            await self.serving.reload(loaded)
         except (ConfigError, StartupError) as e:
             self._reload_error = str(e)
             log.error("Reload failed, keeping the running configuration: %s", e)
@@ -236,110 +185,18 @@ class Supervisor:
             self._reload_error = f"{type(e).__name__}: {e}"
             log.error("Reload failed unexpectedly, keeping the running configuration", exc_info=e)
         else:
+            self.loaded = loaded
             self._reload_error = None
             log.info("Reloaded: %s", self.status_line())
         self.manager.ready(self.status_line())
 
-    async def _apply(self, loaded: Loaded) -> None:
-        """Apply a new configuration: first everything that can fail (the new root opened, the
-        new binds bound), then the file service switched over, which cannot fail."""
-        old, new = self.config, loaded.config
-        prepared: Prepared | None = None
-        if new.service != old.service:
-            try:
-                prepared = self.service.prepare(new.service)
-            except OSError as e:
-                raise root_error(loaded, e) from None
-        # Deregister while the context that registered is still bound.
-        rebinding = set(endpoints(new)) != set(self._contexts)
-        reregister = new.register != old.register or (old.register is not False and rebinding)
-        if reregister:
-            await self._deregister()
-        try:
-            await self._rebind(endpoints(new), loaded)
-        except (ConfigError, StartupError):
-            if prepared is not None:
-                prepared.discard()
-            if reregister:
-                self._register(old)
-            raise
-        if prepared is not None:
-            self.service.apply(prepared)
-        if reregister:
-            self._register(new)
-        journal.set_verbosity(new.verbosity)
-        self.guards.configure(new.amplification, new.deduplication)
-        self.loaded = loaded
-        if new.write and (new.write, new.root) != (old.write, old.root):
-            self._warn_if_unwritable()
-        if (new.write, new.access, new.bind) != (old.write, old.access, old.bind):
-            self._warn_if_anyone_writes_beyond_loopback()
-
-    async def _rebind(self, wanted: list[Endpoint], loaded: Loaded) -> None:
-        """Shut down contexts no longer wanted, bind new ones; on failure restore the old set."""
-        current = self._contexts
-        gone = [e for e in current if e not in wanted]
-        added = [e for e in wanted if e not in current]
-        if not gone and not added:
-            return
-        for endpoint in gone:
-            log.info("Unbinding %s", endpoint)
-            await current[endpoint].shutdown()
-        new: dict[Endpoint, aiocoap.Context] = {}
-        try:
-            for endpoint in added:
-                log.info("Binding %s", endpoint)
-                new[endpoint] = await endpoint.bind_to(self.gate, loaded, self.guards)
-        except (ConfigError, StartupError):
-            for context in new.values():
-                await context.shutdown()
-            for endpoint in gone:
-                try:
-                    current[endpoint] = await endpoint.bind_to(self.gate, self.loaded, self.guards)
-                except (ConfigError, StartupError) as e:
-                    log.error("Could not restore %s: %s", endpoint, e)
-                    del current[endpoint]
-            raise
-        keep = {e: current[e] for e in wanted if e in current}
-        self._contexts = {e: keep.get(e) or new[e] for e in wanted}
-
     # --- stop -------------------------------------------------------------------------------
 
-    async def _end_observations(self, deadline: float) -> None:
-        """Tell every observer the service is going (5.03), rather than leaving them waiting
-        for Max-Age; the notifications are given until `deadline` to go out."""
-        if not self.service.end_observations(Code.SERVICE_UNAVAILABLE, "Shutting down"):
-            return
-        loop = asyncio.get_running_loop()
-        while self.service.stats()["observers"] and loop.time() < deadline:
-            await asyncio.sleep(0.02)
-
     async def _shutdown(self) -> None:
-        """STOPPING=1, refuse new requests, let in-flight ones finish, deregister, unbind."""
+        """STOPPING=1, then let the serving side drain and unbind."""
         self.manager.stopping()
         if self._served:
             log.info("Stopping")
         for task in self._tasks:
             task.cancel()
-        deadline = asyncio.get_running_loop().time() + STOP_GRACE
-        cut = await self.gate.close(STOP_GRACE)
-        if cut:
-            log.warning("Stopped with %d exchange(s) still in flight", cut)
-        await self._end_observations(deadline)
-        await self._deregister()
-        contexts, self._contexts = list(self._contexts.values()), {}
-        await asyncio.gather(*(c.shutdown() for c in contexts), return_exceptions=True)
-        self.service.close()
-
-
-def _loopback_only(endpoint: Endpoint) -> bool:
-    """Whether only this host can reach the endpoint (a bind to loopback addresses alone)."""
-    host = endpoint.bind.host if endpoint.bind is not None else None
-    if not host:
-        return False  # all addresses
-    try:
-        found = {info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)}
-    except OSError:
-        return False
-    addresses = [parse_ip(str(a)) for a in found]
-    return bool(addresses) and all(a is not None and a.is_loopback for a in addresses)
+        await self.serving.stop()

@@ -129,9 +129,11 @@ class FileService(Resource, ObservableResource):
 
     # --- lifecycle (driven by the supervisor) ----------------------------------------------
 
-    def start(self) -> None:
+    def start(self, *, sweep: bool = True) -> None:
+        """Start watching; with `sweep` (one process of a server does it), remove what
+        interrupted writes left behind."""
         self.tree.start()
-        if self.rules.writable_somewhere:
+        if sweep and self.rules.writable_somewhere:
             self._spawn(self._sweep())
 
     async def _sweep(self) -> None:

@@ -100,11 +100,13 @@ def _decode_string_option(self: aiocoap.optiontypes.StringOption, rawdata: bytes
 
 
 async def server_context(
-    site: Any, namespace: argparse.Namespace, guards: WireGuards
+    site: Any, namespace: argparse.Namespace, guards: WireGuards, *, udp_only: bool = False
 ) -> aiocoap.Context:
-    """A bound server context for `site`, as aiocoap's command line tools make it."""
+    """A bound server context for `site`, as aiocoap's command line tools make it (with
+    `udp_only`, CoAP over UDP alone: no TCP, TLS or WebSockets listeners)."""
     aiocoap.optiontypes.StringOption.decode = _decode_string_option
-    context = await server_context_from_arguments(site, namespace)
+    extra: dict[str, Any] = {"transports": ["udp6"]} if udp_only else {}
+    context = await server_context_from_arguments(site, namespace, **extra)
     guards.install(context)
     if _HAS_PIPE_HELPERS and hasattr(context, "_render_to_pipe"):
         context._coapfs_address_check = guards.address_check
