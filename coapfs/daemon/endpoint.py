@@ -87,7 +87,6 @@ class Endpoint:
                 "credentials", "a valid credentials file", f"{type(e).__name__}: {e}"
             ) from None
 
-
     def bind_error(self, error: OSError) -> StartupError:
         """`cannot bind ADDRESS: PROBLEM`, naming who holds the port where that is visible."""
         problem = error.strerror or str(error)

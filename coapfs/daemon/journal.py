@@ -146,8 +146,18 @@ def _stderr_handler(stream: TextIO) -> logging.Handler:
     return handler
 
 
+def _unraisable(report: Any) -> None:
+    """An exception Python can only ignore (in a `__del__`, e.g. aiocoap's security context
+    finalizer after a credentials file failed to load, which the configuration error already
+    reported): one debug line, not a traceback on stderr."""
+    logging.getLogger(LOGGER).debug(
+        "Ignored in %r: %s", report.object, report.exc_value, exc_info=report.exc_value
+    )
+
+
 def setup(verbosity: int, stream: TextIO | None = None) -> None:
     """Install the handler (once) and set the levels for `verbosity`."""
+    sys.unraisablehook = _unraisable
     stream = stream if stream is not None else sys.stderr
     root = logging.getLogger()
     if not any(getattr(h, "coapfs", False) for h in root.handlers):

@@ -42,10 +42,7 @@ class _Upload:
         """A retransmission of the block taken last (its ACK was lost; the same bytes): answered
         again, not appended again (`transport.dedup` keeps no copy of the answer to it). A
         different block 0 is another upload, not a retransmission."""
-        return (
-            start + len(payload) == self.spool.size
-            and self.last == (number, _digest(payload))
-        )
+        return start + len(payload) == self.spool.size and self.last == (number, _digest(payload))
 
 
 def _digest(payload: bytes) -> bytes:
