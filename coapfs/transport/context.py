@@ -30,7 +30,7 @@ import aiocoap.pipe
 from aiocoap.cli.common import server_context_from_arguments
 
 from ..config.schema import AmplificationConfig, DeduplicationConfig
-from . import datagrams, dedup
+from . import datagrams, dedup, fastpath
 from .amplification import AddressCheck, Settings
 
 log = logging.getLogger(__name__)
@@ -85,14 +85,22 @@ def _settings(config: AmplificationConfig) -> Settings:
 
 
 def _render_to_pipe(self: aiocoap.Context, pipe: Any) -> None:
-    """aiocoap's Context.render_to_pipe, with a task name that costs nothing to make, and each
-    response fitted to what the peer's address may receive."""
-    pipe = self._coapfs_address_check.gate(pipe)
-    aiocoap.pipe.run_driving_pipe(
-        aiocoap.pipe.error_to_message(pipe, self.log),
-        self._render_to_pipe(pipe),
-        name="Rendering a request",
-    )
+    """aiocoap's Context.render_to_pipe (with its pipe.run_driving_pipe written out), each
+    response fitted to what the peer's address may receive, and the rendering task made by the
+    context's own loop under a fixed name (asyncio.create_task looks the running loop up, which
+    on CPython 3.11 is a getpid() system call per request)."""
+    gated = self._coapfs_address_check.gate(pipe)
+    driven = aiocoap.pipe.error_to_message(gated, self.log)
+    rendering = self._render_to_pipe(gated)
+
+    async def render() -> None:
+        try:
+            await rendering
+        except Exception as e:
+            driven.add_exception(e)
+
+    task = self.loop.create_task(render(), name="Rendering a request")
+    driven.on_interest_end(task.cancel)
 
 
 def _decode_string_option(self: aiocoap.optiontypes.StringOption, rawdata: bytes) -> None:
@@ -105,6 +113,7 @@ async def server_context(
     """A bound server context for `site`, as aiocoap's command line tools make it (with
     `udp_only`, CoAP over UDP alone: no TCP, TLS or WebSockets listeners)."""
     aiocoap.optiontypes.StringOption.decode = _decode_string_option
+    fastpath.install()
     extra: dict[str, Any] = {"transports": ["udp6"]} if udp_only else {}
     context = await server_context_from_arguments(site, namespace, **extra)
     guards.install(context)
