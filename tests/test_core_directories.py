@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from aiocoap.numbers import codes
 
-from coapfs.protocol.resource import EMPTY_DIRECTORY_ETAG
+from coapfs.protocol.writes import EMPTY_DIRECTORY_ETAG
 from coapfs.tree.hidden import TRASH_PREFIX
 
 

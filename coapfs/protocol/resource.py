@@ -28,18 +28,16 @@ from ..access.peer import Peer, peer_of
 from ..access.rules import Rules, Verdict
 from ..config.schema import ServiceConfig
 from ..tree import problems
-from ..tree.etag import derived_digest, etag_from_digest, etag_from_stat
+from ..tree.etag import derived_digest, etag_from_digest
 from ..tree.hidden import check_visible
 from ..tree.listing import render_listing
 from ..tree.path import Key, Target, parse_uri_path
 from ..tree.root import Root
 from ..tree.served import ServedTree
-from ..tree.spool import NameTaken, Spool
-from ..tree.write import NotEmpty, Place
-from . import accesslog, errors
+from . import accesslog, errors, writes
 from .blocks import block_response
 from .contentformat import guess_content_format
-from .observe import Observations
+from .observers import Observers
 from .options import check_accept, check_conditions, check_options
 from .upload import Uploads
 
@@ -48,9 +46,6 @@ log = logging.getLogger(__name__)
 #: The link by which clients (and resource directories) find the file service.
 SERVICE_LINK = '</>;ct=40;rt="tag:chrysn@fsfe.org,2022:fileserver"'
 _WELL_KNOWN_CORE = (".well-known", "core")
-#: If-Match value that deletes a directory only if it is empty (RIOT's nanocoap fileserver,
-#: COAPFILESERVER_DIR_DELETE_ETAG, in network byte order).
-EMPTY_DIRECTORY_ETAG = bytes.fromhex("6ce88b56")
 
 
 @dataclass
@@ -75,13 +70,6 @@ class Prepared:
             self.root.close()
 
 
-@dataclass(frozen=True)
-class _Observed:
-    target: Target
-    peer: Peer
-    hold: int
-
-
 def _peer_once(request: aiocoap.Message) -> Callable[[], Peer]:
     """The request's peer, worked out only if a rule needs it, and then once."""
     found: list[Peer] = []
@@ -94,10 +82,6 @@ def _peer_once(request: aiocoap.Message) -> Callable[[], Peer]:
     return peer
 
 
-def _given(peer: Peer) -> Callable[[], Peer]:
-    return lambda: peer
-
-
 class FileService(Resource, ObservableResource):
     """Serves the tree below `service.root`: listings, files, and where the access rules allow
     writes, PUT and DELETE of files and directories; observations of files and directories are
@@ -108,10 +92,7 @@ class FileService(Resource, ObservableResource):
         self.service = service
         self.rules = Rules(service.access, write_by_anyone=service.write)
         self.tree = ServedTree(service.root, service.cache)
-        self._observations = Observations(service.observe.coalesce_ms / 1000)
-        self.tree.on_stale = self._observations.changed
-        self._observers: dict[Any, _Observed] = {}  # aiocoap's ServerObservation -> what
-        self._per_endpoint: dict[tuple[Any, Any], int] = {}  # (address, port) -> observations
+        self._observers = Observers(self.tree, service.observe)
         self._uploads = Uploads(service.upload)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.counters = Counters()
@@ -157,13 +138,11 @@ class FileService(Resource, ObservableResource):
             task.cancel()
         self._uploads.close()
         self.tree.close()
-        self._observations.close()
+        self._observers.close()
 
     def end_observations(self, code: aiocoap.numbers.Code, reason: str) -> int:
         """End every observation with a final error notification (RFC 7641 4.2); how many."""
-        for observation in list(self._observers):
-            observation.trigger(aiocoap.Message(code=code, payload=reason.encode()), is_last=True)
-        return len(self._observers)
+        return self._observers.end_all(code, reason)
 
     def prepare(self, service: ServiceConfig) -> Prepared:
         """Open what `service` needs (OSError if its root cannot be opened), changing nothing."""
@@ -176,21 +155,12 @@ class FileService(Resource, ObservableResource):
         if prepared.root is not None:
             self.tree.switch_root(prepared.root)
         self.service = new = prepared.service
-        self._observations.coalesce = new.observe.coalesce_ms / 1000
+        self._observers.configure(new.observe)
         self._uploads.settings = new.upload
         self.tree.tune(new.cache)
         if (new.access, new.write) != (old.access, old.write):
             self.rules = Rules(new.access, write_by_anyone=new.write)
-            self._recheck_observers()
-
-    def _recheck_observers(self) -> None:
-        for observation, observed in list(self._observers.items()):
-            verdict = self.rules.decide("read", observed.target.segments, _given(observed.peer))
-            if verdict is not Verdict.ALLOWED:
-                refusal = _refusal(verdict).to_message()
-                observation.trigger(refusal, is_last=True)
-        # What every remaining observer may see of a listing may have changed too.
-        self._observations.changed((), True)
+            self._observers.revoke(self.rules, lambda verdict: _refusal(verdict).to_message())
 
     # --- aiocoap's resource interface -------------------------------------------------------
 
@@ -269,25 +239,12 @@ class FileService(Resource, ObservableResource):
         if (
             target is None
             or self.rules.decide("read", target.segments, peer) is not Verdict.ALLOWED
-            or not self._room_for_observer(peer())
+            or not self._observers.room_for(peer())
         ):
             serverobservation.accept(lambda: None)
             serverobservation.deregister()
             return
-        hold = self.tree.hold(target)
-        self._observations.add(target.segments, serverobservation)
-        self._observers[serverobservation] = _Observed(target, peer(), hold)
-        endpoint = (peer().address, peer().port)
-        self._per_endpoint[endpoint] = self._per_endpoint.get(endpoint, 0) + 1
-        serverobservation.accept(lambda: self._observation_ended(serverobservation))
-
-    def _room_for_observer(self, peer: Peer) -> bool:
-        """Within [observe] max_total and max_per_peer (else the GET is answered unobserved,
-        which RFC 7641 3.1 lets a server do)."""
-        limits = self.service.observe
-        if len(self._observers) >= limits.max_total:
-            return False
-        return self._per_endpoint.get((peer.address, peer.port), 0) < limits.max_per_peer
+        self._observers.add(serverobservation, target, peer())
 
     def _observable_target(self, request: aiocoap.Message) -> Target | None:
         if request.code != codes.GET or request.opt.uri_path == _WELL_KNOWN_CORE:
@@ -297,15 +254,6 @@ class FileService(Resource, ObservableResource):
             return _target(request)
         except (aiocoap.error.RenderableError, problems.Problem):
             return None
-
-    def _observation_ended(self, serverobservation: Any) -> None:
-        observed = self._observers.pop(serverobservation)
-        self._observations.remove(observed.target.segments, serverobservation)
-        self.tree.release(observed.hold)
-        endpoint = (observed.peer.address, observed.peer.port)
-        left = self._per_endpoint.pop(endpoint, 1) - 1
-        if left > 0:
-            self._per_endpoint[endpoint] = left
 
     # --- GET --------------------------------------------------------------------------------
 
@@ -369,112 +317,23 @@ class FileService(Resource, ObservableResource):
         variant = "\0".join(name for name, _ in hidden).encode("utf-8", "surrogateescape")
         return derived_digest(entry.digest, variant), render_listing(key, visible)
 
-    # --- PUT --------------------------------------------------------------------------------
+    # --- PUT and DELETE (carried out by `writes`) ---------------------------------------
 
     async def render_put(self, request: aiocoap.Message) -> aiocoap.Message:
         target = _target(request)
         self._authorize("write", target, request)
         if target.is_dir_request:
-            return self._put_directory(request, target)
-        spool = self._uploads.feed(
-            request, lambda: self._open_spool(request, target), self.tree.space_left
-        )
-        if spool is None:
-            return aiocoap.Message(code=codes.CONTINUE, block1=request.opt.block1)
-        length = self.service.etag_length
-
-        def check(existing: Any) -> None:
-            etag = None if existing is None else etag_from_stat(existing, length)
-            check_conditions(request, etag, exists=existing is not None)
-
-        stored = request.opt.content_format
-        try:
-            st, created = await self.tree.commit(
-                spool,
-                check,
-                create_only=bool(request.opt.if_none_match),
-                content_format=int(stored) if stored is not None else None,
-            )
-        except NameTaken:
-            raise errors.PreconditionFailed("The file exists (If-None-Match)") from None
-        etag = etag_from_stat(st, length)
-        accesslog.log_change(request, "created" if created else "replaced", st.st_size, etag)
-        response = aiocoap.Message(code=codes.CREATED if created else codes.CHANGED, etag=etag)
-        response.opt.block1 = request.opt.block1
-        return response
-
-    def _open_spool(self, request: aiocoap.Message, target: Target) -> Spool:
-        """The spool of a new upload, once the preconditions hold for what is there now (they
-        are checked again, under a lock, when it is committed)."""
-        place = self._checked_place(request, target)
-        return self.tree.spool(place, self.service.upload.file_mode)
-
-    def _checked_place(self, request: aiocoap.Message, target: Target) -> Place:
-        """Where a write to `target` lands, with If-Match and If-None-Match checked against
-        what is there now."""
-        place = self.tree.place(target)
-        try:
-            existing = place.existing
-            etag = None if existing is None else etag_from_stat(existing, self.service.etag_length)
-            check_conditions(request, etag, exists=existing is not None)
-        except BaseException:
-            place.close()
-            raise
-        return place
-
-    def _put_directory(self, request: aiocoap.Message, target: Target) -> aiocoap.Message:
-        """`PUT dir/`: make the directory (2.01), or find it there (2.04); parents must exist."""
-        place = self._checked_place(request, target)
-        try:
-            if place.existing is not None:
-                code, st = codes.CHANGED, place.existing
-            else:
-                try:
-                    st = self.tree.make_directory(place, self.service.upload.directory_mode)
-                except FileExistsError:
-                    if request.opt.if_none_match:
-                        raise errors.PreconditionFailed("It exists (If-None-Match)") from None
-                    raise errors.Conflict("Something appeared at that name meanwhile") from None
-                code = codes.CREATED
-                accesslog.log_change(request, "directory created", None, None)
-        finally:
-            place.close()
-        return aiocoap.Message(code=code, etag=etag_from_stat(st, self.service.etag_length))
-
-    # --- DELETE -----------------------------------------------------------------------------
+            return writes.put_directory(self.tree, self.service, request, target)
+        return await writes.put_file(self.tree, self._uploads, self.service, request, target)
 
     async def render_delete(self, request: aiocoap.Message) -> aiocoap.Message:
         target = _target(request)
         self._authorize("write", target, request, beneath=target.is_dir_request)
         if target.is_dir_request:
-            await self._delete_directory(request, target)
+            await writes.delete_directory(self.tree, self.service, request, target)
         else:
-            place = self._checked_place(request, target)
-            try:
-                self.tree.delete_file(place)
-            finally:
-                place.close()
-            accesslog.log_change(request, "deleted", None, None)
+            writes.delete_file(self.tree, self.service, request, target)
         return aiocoap.Message(code=codes.DELETED)
-
-    async def _delete_directory(self, request: aiocoap.Message, target: Target) -> None:
-        """`DELETE dir/`: with its contents; with If-Match carrying RIOT's empty-directory ETag
-        only if empty, with the listing's ETag only if unchanged."""
-        wanted = request.opt.if_match
-        only_if_empty = EMPTY_DIRECTORY_ETAG in wanted
-        if only_if_empty:
-            request = request.copy(if_match=[e for e in wanted if e != EMPTY_DIRECTORY_ETAG])
-        place = self._checked_place(request, target)
-        try:
-            if place.existing is None:
-                raise errors.NotFound()
-            try:
-                await self.tree.delete_directory(place, only_if_empty=only_if_empty)
-            except NotEmpty:
-                raise errors.PreconditionFailed("The directory is not empty") from None
-        finally:
-            place.close()
-        accesslog.log_change(request, "directory deleted", None, None)
 
 
 def _refusal(verdict: Verdict) -> aiocoap.error.ConstructionRenderableError:
