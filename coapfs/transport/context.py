@@ -14,7 +14,8 @@ method's shape, the stock one stays in use (and amplification is not limited: lo
 aiocoap decodes string options (Uri-Path among them) strictly, and a datagram whose Uri-Path is
 not UTF-8 ends in a UnicodeDecodeError traceback and no answer at all (aiocoap issues #176 and
 #417, in 0.4.14 to 0.4.17). Decoded with surrogate escapes instead, such a path reaches
-`tree.path.parse_uri_path`, which answers it with 4.00.
+`tree.path.parse_uri_path`, which answers it with 4.00; encoded the same way, such a request
+can be measured (`amplification.wire_size`) and logged like any other.
 """
 
 from __future__ import annotations
@@ -99,11 +100,16 @@ def _decode_string_option(self: aiocoap.optiontypes.StringOption, rawdata: bytes
     self.value = rawdata.decode("utf-8", "surrogateescape")
 
 
+def _encode_string_option(self: aiocoap.optiontypes.StringOption) -> bytes:
+    return self.value.encode("utf-8", "surrogateescape")  # type: ignore[no-any-return]
+
+
 async def server_context(
     site: Any, namespace: argparse.Namespace, guards: WireGuards
 ) -> aiocoap.Context:
     """A bound server context for `site`, as aiocoap's command line tools make it."""
     aiocoap.optiontypes.StringOption.decode = _decode_string_option
+    aiocoap.optiontypes.StringOption.encode = _encode_string_option
     context = await server_context_from_arguments(site, namespace)
     guards.install(context)
     if _HAS_PIPE_HELPERS and hasattr(context, "_render_to_pipe"):
