@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from support.raw import GET, RawServer, path
+from support.raw import DELETE, GET, RawServer, path
 from support.rawpeer import RawPeer
 
 FACTOR = 3.0
@@ -44,3 +44,18 @@ def test_a_path_that_is_not_utf8_from_an_unverified_address_is_4_00(untrusted) -
         exchange = peer.exchange(GET, path(b"\xff\xfe"), mtype=mtype)
         assert exchange.response is not None and exchange.response.code == "4.00"
         assert exchange.ratio <= FACTOR
+
+
+def test_a_refusal_for_a_full_deduplication_store_is_within_the_factor(untrusted) -> None:
+    """The 5.03 sent when the store is full bypasses the request's pipe; it is limited too."""
+    _server, peer = untrusted
+    refused = None
+    for i in range(10):
+        exchange = peer.exchange(DELETE, path(f"m{i}"), token=b"")
+        assert exchange.response is not None
+        if exchange.response.code == "5.03":
+            refused = peer.exchange(DELETE, [], token=b"")
+            break
+    assert refused is not None and refused.response is not None, "the store never filled"
+    assert refused.response.code == "5.03"
+    assert refused.ratio <= FACTOR, refused

@@ -76,22 +76,33 @@ class AddressCheck:
 
     def gate(self, pipe: Any) -> Any:
         """The pipe a request's responses go through: `pipe` itself where no limit applies."""
+        limited = self._limit_for(pipe.request)
+        return pipe if limited is None else _LimitedPipe(pipe, self, *limited)
+
+    def fitted(self, request: aiocoap.Message, response: aiocoap.Message) -> aiocoap.Message:
+        """`response` as it may go out directly, without the request's pipe (a refusal sent
+        by the message layer)."""
+        limited = self._limit_for(request)
+        return response if limited is None else self.fit(request, response, *limited)
+
+    def _limit_for(self, request: aiocoap.Message) -> tuple[Any, float] | None:
+        """(address, bytes) a response to `request` must fit in; None where no limit applies
+        (a valid Echo value verifies the address here)."""
         if self.settings.factor <= 0:
-            return pipe
-        request = pipe.request
+            return None
         remote = request.remote
         if not isinstance(remote, UDP6EndpointAddress):
-            return pipe  # OSCORE, DTLS, TCP, TLS, WebSockets: the peer is proven
+            return None  # OSCORE, DTLS, TCP, TLS, WebSockets: the peer is proven
         address = peer_of(remote).address
         if address is None or any(address in net for net in self.settings.trusted):
-            return pipe
+            return None
         if self._is_verified(address):
-            return pipe
+            return None
         echo = request.opt.echo
         if echo is not None and self._echo_valid(address, echo):
             self._verify(address)
-            return pipe
-        return _LimitedPipe(pipe, self, address, self.settings.factor * wire_size(request))
+            return None
+        return address, self.settings.factor * wire_size(request)
 
     # --- verified addresses -----------------------------------------------------------------
 

@@ -63,7 +63,7 @@ class WireGuards:
         self.limits.max_bytes = deduplication.max_bytes
 
     def install(self, context: aiocoap.Context) -> None:
-        self._deduplications += dedup.install(context, self.limits)
+        self._deduplications += dedup.install(context, self.limits, self.address_check.fitted)
         datagrams.install(context)
 
     def stats(self) -> dict[str, int]:
