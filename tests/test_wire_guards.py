@@ -5,21 +5,27 @@ test, tests/test_amplification.py, measures it from a public-looking address).""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from aiocoap.numbers.codes import Code
+from test_core_oscore import write_context
 
+from support.client import Client
 from support.raw import DELETE, GET, RawServer, path
 from support.rawpeer import RawPeer
 
 FACTOR = 3.0
 NON = 1
+CONTENT = Code.CONTENT
+BIG = bytes(range(256)) * 12
 
 
 def untrusted_server(tmp_path: Path, extra: str = "") -> RawServer:
     config = tmp_path / "untrusted.toml"
-    config.write_text(f"[amplification]\ntrusted = []\n{extra}\n")
+    config.write_text(f"{extra}\n[amplification]\ntrusted = []\n")  # top-level keys first
     root = tmp_path / "root"
     root.mkdir()
     (root / "a.txt").write_text("hello\n")
@@ -59,3 +65,29 @@ def test_a_refusal_for_a_full_deduplication_store_is_within_the_factor(untrusted
     assert refused is not None and refused.response is not None, "the store never filled"
     assert refused.response.code == "5.03"
     assert refused.ratio <= FACTOR, refused
+
+
+def test_an_oscore_peer_at_an_unverified_address_gets_its_answers_whole(tmp_path: Path) -> None:
+    """aiocoap unprotects OSCORE inside the site, so the limit sees the outer exchange; the
+    protected response must not be replaced by an unprotected 4.01 the client cannot use."""
+    secret = "wire guards 2026"
+    write_context(tmp_path / "server-ctx", "srv", "cli", secret)
+    write_context(tmp_path / "client-ctx", "cli", "srv", secret)
+    credentials = tmp_path / "server.json"
+    credentials.write_text(json.dumps({":cli": {"oscore": {"basedir": f"{tmp_path}/server-ctx/"}}}))
+    server = untrusted_server(tmp_path, f"credentials = {json.dumps(str(credentials))}")
+    (server.root / "big.bin").write_bytes(BIG)
+    mine = tmp_path / "client.json"
+    basedir = f"{tmp_path}/client-ctx/"
+    mine.write_text(
+        json.dumps({f"coap://127.0.0.1:{server.port}/*": {"oscore": {"basedir": basedir}}})
+    )
+    client = Client(mine)
+    try:
+        response = client.get(f"coap://127.0.0.1:{server.port}/big.bin")
+        assert response.code == CONTENT and response.payload == BIG, response
+        assert "oscore" in type(response.remote).__module__
+        server.assert_clean()
+    finally:
+        client.close()
+        server.close()

@@ -2,11 +2,14 @@
 an address not yet verified is at most `factor` times the request's size on the wire, counted
 for every response (errors and notifications included).
 
-Exempt: what does not come over plain UDP (OSCORE, DTLS, TCP and TLS prove the peer), and the
-trusted networks (by default loopback, the private IPv4 ranges, IPv6 unique-local and
-link-local addresses: a LAN). An address is verified once a request from it carries an Echo
-value this server gave it (an HMAC of the address and the time: nothing stored per client),
-and stays verified for `verified_for` seconds (at most `max_verified` addresses remembered).
+Exempt: what does not come over plain UDP (DTLS, TCP and TLS prove the peer), OSCORE-protected
+responses (aiocoap unprotects OSCORE inside the site, so the outer request reaches the check
+as plain UDP; a protected response exists only once the request was decrypted with a known key
+and passed the replay window), and the trusted networks (by default loopback, the private IPv4
+ranges, IPv6 unique-local and link-local addresses: a LAN). An address is verified once a
+request from it carries an Echo value this server gave it (an HMAC of the address and the time:
+nothing stored per client), and stays verified for `verified_for` seconds (at most
+`max_verified` addresses remembered).
 
 What an unverified peer gets instead of an answer that would be too large:
 
@@ -149,7 +152,7 @@ class AddressCheck:
     ) -> aiocoap.Message:
         """`response`, or what is sent instead so that at most `limit` bytes go out."""
         token = request.token
-        if wire_size(response, token) <= limit:
+        if response.opt.oscore is not None or wire_size(response, token) <= limit:
             return response
         self.limited += 1
         echo = self.echo_for(address)
