@@ -184,7 +184,8 @@ class Supervisor:
             self.manager.status(self.status_line())
 
     def status_line(self) -> str:
-        """Root, binds, access, cache mode, traffic; and a failed reload, if any."""
+        """Root, binds, access, cache mode, traffic, what the floods' bounds hold (observers,
+        deduplication entries, verified addresses); and a failed reload, if any."""
         service = self.service.service
         stats = self.service.stats()
         binds = ", ".join(str(e) for e in self._contexts) or "nothing bound"
@@ -193,7 +194,16 @@ class Supervisor:
         traffic = f"{stats['requests']} requests, {errors} errors"
         if stats["server_errors"]:
             traffic += f" ({stats['server_errors']} server errors)"
-        line = f"Serving {service.root} on {binds}, {access}, cache {stats['mode']}; {traffic}"
+        guards = self.guards.stats()
+        held = (
+            f"{stats['observers']} observers, {guards['stored']} deduplication entries "
+            f"({guards['refused']} refused), {guards['verified']} verified addresses "
+            f"({guards['limited']} answers limited)"
+        )
+        line = (
+            f"Serving {service.root} on {binds}, {access}, cache {stats['mode']}; {traffic}; "
+            f"{held}"
+        )
         if self._reload_error is not None:
             line += f"; RELOAD FAILED, old configuration kept: {self._reload_error}"
         return line
