@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from test_core_oscore import write_context
 
+from support.child import child_environment, command
 from support.netns import Host, linked_hosts
 from support.polling import wait_until
 from support.raw import (
@@ -41,7 +42,7 @@ from support.raw import (
     uint,
 )
 from support.rawpeer import Exchange, RawPeer
-from support.repo import REPO, environment
+from support.repo import environment
 from support.server import COAPFS, Server
 from support.tools import libcoap_client
 
@@ -330,9 +331,10 @@ def test_oscore_peers_are_exempt(servers, hosts, oscore) -> None:
     only a holder of the key can have sent it (the replay window sees to copies)."""
     _server_host, client_host = hosts
     uri = servers["oscore"].uri("big.bin")
-    command = [*COAPFS[:1], "-m", "support.fetch", uri, str(oscore / "client.json")]
-    env = environment({"PYTHONPATH": f"{REPO}:{REPO / 'tests'}"})
-    done = subprocess.run(client_host.command(*command), capture_output=True, timeout=120, env=env)
+    fetch = command("fetch", uri, str(oscore / "client.json"))
+    done = subprocess.run(
+        client_host.command(*fetch), capture_output=True, timeout=120, env=child_environment()
+    )
     assert done.returncode == 0, done.stderr
     assert b"oscore" in done.stderr, done.stderr  # the answer came through OSCORE
     assert done.stdout == BIG, (len(done.stdout), done.stderr[-2000:])
