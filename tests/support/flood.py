@@ -1,8 +1,9 @@
 """Many datagrams to a server, as fast as it answers them, with every answer counted by code.
 
 A thread receives while the test sends; at most `window` datagrams are unanswered at once, and
-one that gets no answer at all (a malformed datagram is dropped silently) holds the sender up
-for at most `patience` seconds. Every wait is bounded, so a flood always ends."""
+those that get no answer at all (a malformed datagram is dropped silently) hold the sender up
+for `patience` seconds, after which they are given up on. Every wait is bounded, so a flood
+always ends."""
 
 from __future__ import annotations
 
@@ -72,8 +73,8 @@ class Flood:
                 while self._outstanding() >= self.window:
                     before = self.answered
                     self._arrived.wait(self.patience)
-                    if self.answered == before:  # nothing came: count the oldest as dropped
-                        self._forgiven += self._outstanding() - self.window + 1
+                    if self.answered == before:  # quiet: what is unanswered now was dropped
+                        self._forgiven = self.sent - self.answered
                 self.sent += 1
             self.sock.sendto(datagram, self.server)
 
