@@ -201,8 +201,7 @@ class Supervisor:
             f"({guards['limited']} answers limited)"
         )
         line = (
-            f"Serving {service.root} on {binds}, {access}, cache {stats['mode']}; {traffic}; "
-            f"{held}"
+            f"Serving {service.root} on {binds}, {access}, cache {stats['mode']}; {traffic}; {held}"
         )
         if self._reload_error is not None:
             line += f"; RELOAD FAILED, old configuration kept: {self._reload_error}"
