@@ -91,3 +91,15 @@ def test_an_oscore_peer_at_an_unverified_address_gets_its_answers_whole(tmp_path
     finally:
         client.close()
         server.close()
+
+
+def test_an_option_delta_aiocoap_cannot_encode_again_is_answered(untrusted) -> None:
+    """aiocoap decodes an option delta of 65804 (extended 0xFFFF) but refuses to encode it
+    (its encoder stops at 65803): measuring such a request for the limit must not fail."""
+    server, peer = untrusted
+    header = bytes((0x40 | (NON << 4) | 1, GET, 0x12, 0x34, 0x77))
+    datagram = header + bytes((0xB5,)) + b"a.txt" + bytes((0xE0, 0xFF, 0xFF))
+    peer.send(datagram)
+    answer = server.receive(b"\x77", 5)
+    assert answer is not None and answer.code == "4.02", answer  # 65815 is critical, unknown
+    server.assert_clean()
