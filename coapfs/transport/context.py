@@ -96,6 +96,12 @@ def _render_to_pipe(self: aiocoap.Context, pipe: Any) -> None:
     )
 
 
+def use_lenient_string_options() -> None:
+    """String options (Uri-Path) decoded and encoded with surrogate escapes, process-wide."""
+    aiocoap.optiontypes.StringOption.decode = _decode_string_option
+    aiocoap.optiontypes.StringOption.encode = _encode_string_option
+
+
 def _decode_string_option(self: aiocoap.optiontypes.StringOption, rawdata: bytes) -> None:
     self.value = rawdata.decode("utf-8", "surrogateescape")
 
@@ -108,8 +114,7 @@ async def server_context(
     site: Any, namespace: argparse.Namespace, guards: WireGuards
 ) -> aiocoap.Context:
     """A bound server context for `site`, as aiocoap's command line tools make it."""
-    aiocoap.optiontypes.StringOption.decode = _decode_string_option
-    aiocoap.optiontypes.StringOption.encode = _encode_string_option
+    use_lenient_string_options()
     context = await server_context_from_arguments(site, namespace)
     guards.install(context)
     if _HAS_PIPE_HELPERS and hasattr(context, "_render_to_pipe"):
