@@ -57,12 +57,7 @@ class RawPeer:
         self.send(datagram)
         exchange = Exchange(len(datagram))
         deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                break
+        while (data := self._next(deadline)) is not None:
             exchange.received.append(data)
             response = self._acknowledged(data)
             if response.token == token and response.raw_code != 0:
@@ -74,15 +69,21 @@ class RawPeer:
         """Whatever arrives within `timeout` (notifications), acknowledged as needed."""
         got: list[bytes] = []
         deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                break
+        while (data := self._next(deadline)) is not None:
             got.append(data)
             self._acknowledged(data)
         return got
+
+    def _next(self, deadline: float) -> bytes | None:
+        """The next datagram, or None once `deadline` (time.monotonic()) has passed."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        self.sock.settimeout(left)
+        try:
+            return self.sock.recv(65536)
+        except TimeoutError:
+            return None
 
     def _acknowledged(self, data: bytes) -> Response:
         """`data` parsed; a separate response or notification (CON) is acknowledged."""
