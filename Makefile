@@ -5,14 +5,22 @@ PYTHON ?= .venv/bin/python
 # .ci/run creates it.
 OLDEST ?= .venv-aiocoap-0.4.14/bin/python
 
-.PHONY: run test test-oldest lint deb systemtest bench
+# `make fuzz`: the coverage-guided fuzzer (tests/fuzz/run.py, atheris) for FUZZ_SECONDS; what it
+# finds new goes to FUZZ_WORK (crash-* files: inputs that broke an invariant, to be added to
+# tests/fuzz/corpus once fixed), the committed corpus is only read.
+FUZZ_SECONDS ?= 60
+FUZZ_WORK ?= /tmp/coapfs-fuzz
+
+.PHONY: run test test-oldest lint deb systemtest bench fuzz
 
 run:
 	$(PYTHON) -m coapfs
 
-# Every test once on the newest aiocoap, the system tests (markers: pyproject.toml) among them.
+# Every test once on the newest aiocoap, the system tests (markers: pyproject.toml) among them;
+# then a short fuzzing run (the corpus itself is replayed by the tests, on both aiocoap versions).
 test: lint test-oldest
 	$(PYTHON) -m pytest -q tests
+	$(MAKE) fuzz FUZZ_SECONDS=10
 
 # Everything but the system tests once more on aiocoap 0.4.14 (the system tests install the
 # package, whose aiocoap is Debian's 0.4.14).
@@ -33,3 +41,8 @@ systemtest:
 
 bench:
 	$(PYTHON) bench/run.py
+
+fuzz:
+	mkdir -p $(FUZZ_WORK)
+	$(PYTHON) tests/fuzz/run.py -max_total_time=$(FUZZ_SECONDS) -timeout=20 \
+		-artifact_prefix=$(FUZZ_WORK)/ $(FUZZ_WORK) tests/fuzz/corpus

@@ -143,7 +143,8 @@ class Supervisor:
             self.manager.status(self.status_line())
 
     def status_line(self) -> str:
-        """Root, binds, access, cache mode, traffic and what the limits did; a failed reload."""
+        """Root, binds, access, cache mode, traffic, what the floods' bounds hold (observers,
+        deduplication entries, verified addresses); and a failed reload, if any."""
         config = self.config
         stats = self.serving.stats()
         binds = ", ".join(str(e) for e in self.serving.bound()) or "nothing bound"
@@ -153,10 +154,15 @@ class Supervisor:
         traffic = f"{stats.get('requests', 0)} requests, {errors} errors"
         if stats.get("server_errors"):
             traffic += f" ({stats['server_errors']} server errors)"
+        held = (
+            f"{stats.get('observers', 0)} observers, {stats.get('wire_stored', 0)} deduplication "
+            f"entries ({stats.get('wire_refused', 0)} refused), {stats.get('wire_verified', 0)} "
+            f"verified addresses ({stats.get('wire_limited', 0)} answers limited)"
+        )
         workers = f", {stats['workers']} workers" if stats.get("workers", 1) > 1 else ""
         line = (
             f"Serving {config.root} on {binds}{workers}, {access}, "
-            f"cache {stats.get('mode', config.cache.mode)}; {traffic}"
+            f"cache {stats.get('mode', config.cache.mode)}; {traffic}; {held}"
         )
         if self._reload_error is not None:
             line += f"; RELOAD FAILED, old configuration kept: {self._reload_error}"

@@ -2,11 +2,14 @@
 an address not yet verified is at most `factor` times the request's size on the wire, counted
 for every response (errors and notifications included).
 
-Exempt: what does not come over plain UDP (OSCORE, DTLS, TCP and TLS prove the peer), and the
-trusted networks (by default loopback, the private IPv4 ranges, IPv6 unique-local and
-link-local addresses: a LAN). An address is verified once a request from it carries an Echo
-value this server gave it (an HMAC of the address and the time: nothing stored per client),
-and stays verified for `verified_for` seconds (at most `max_verified` addresses remembered).
+Exempt: what does not come over plain UDP (DTLS, TCP and TLS prove the peer), OSCORE-protected
+responses (aiocoap unprotects OSCORE inside the site, so the outer request reaches the check
+as plain UDP; a protected response exists only once the request was decrypted with a known key
+and passed the replay window), and the trusted networks (by default loopback, the private IPv4
+ranges, IPv6 unique-local and link-local addresses: a LAN). An address is verified once a
+request from it carries an Echo value this server gave it (an HMAC of the address and the time:
+nothing stored per client), and stays verified for `verified_for` seconds (at most
+`max_verified` addresses remembered).
 
 What an unverified peer gets instead of an answer that would be too large:
 
@@ -59,7 +62,16 @@ def wire_size(message: aiocoap.Message, token: bytes | None = None) -> int:
     marker and payload); `token` for a response that has none yet (the request's)."""
     token = message.token if token is None else token
     payload = message.payload
-    return 4 + len(token) + len(message.opt.encode()) + (1 + len(payload) if payload else 0)
+    return 4 + len(token) + _options_size(message) + (1 + len(payload) if payload else 0)
+
+
+def _options_size(message: aiocoap.Message) -> int:
+    try:
+        return len(message.opt.encode())
+    except ValueError:
+        # aiocoap decodes an option delta of 65804 but encodes at most 65803: count what the
+        # options took at least, a header byte each (the limit errs on the small side).
+        return sum(1 + len(option.encode()) for option in message.opt.option_list())
 
 
 class AddressCheck:
@@ -76,22 +88,33 @@ class AddressCheck:
 
     def gate(self, pipe: Any) -> Any:
         """The pipe a request's responses go through: `pipe` itself where no limit applies."""
+        limited = self._limit_for(pipe.request)
+        return pipe if limited is None else _LimitedPipe(pipe, self, *limited)
+
+    def fitted(self, request: aiocoap.Message, response: aiocoap.Message) -> aiocoap.Message:
+        """`response` as it may go out directly, without the request's pipe (a refusal sent
+        by the message layer)."""
+        limited = self._limit_for(request)
+        return response if limited is None else self.fit(request, response, *limited)
+
+    def _limit_for(self, request: aiocoap.Message) -> tuple[Any, float] | None:
+        """(address, bytes) a response to `request` must fit in; None where no limit applies
+        (a valid Echo value verifies the address here)."""
         if self.settings.factor <= 0:
-            return pipe
-        request = pipe.request
+            return None
         remote = request.remote
         if not isinstance(remote, UDP6EndpointAddress):
-            return pipe  # OSCORE, DTLS, TCP, TLS, WebSockets: the peer is proven
+            return None  # OSCORE, DTLS, TCP, TLS, WebSockets: the peer is proven
         address = peer_of(remote).address
         if address is None or any(address in net for net in self.settings.trusted):
-            return pipe
+            return None
         if self._is_verified(address):
-            return pipe
+            return None
         echo = request.opt.echo
         if echo is not None and self._echo_valid(address, echo):
             self._verify(address)
-            return pipe
-        return _LimitedPipe(pipe, self, address, self.settings.factor * wire_size(request))
+            return None
+        return address, self.settings.factor * wire_size(request)
 
     # --- verified addresses -----------------------------------------------------------------
 
@@ -138,7 +161,7 @@ class AddressCheck:
     ) -> aiocoap.Message:
         """`response`, or what is sent instead so that at most `limit` bytes go out."""
         token = request.token
-        if wire_size(response, token) <= limit:
+        if response.opt.oscore is not None or wire_size(response, token) <= limit:
             return response
         self.limited += 1
         echo = self.echo_for(address)

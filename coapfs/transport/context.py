@@ -14,7 +14,8 @@ method's shape, the stock one stays in use (and amplification is not limited: lo
 aiocoap decodes string options (Uri-Path among them) strictly, and a datagram whose Uri-Path is
 not UTF-8 ends in a UnicodeDecodeError traceback and no answer at all (aiocoap issues #176 and
 #417, in 0.4.14 to 0.4.17). Decoded with surrogate escapes instead, such a path reaches
-`tree.path.parse_uri_path`, which answers it with 4.00.
+`tree.path.parse_uri_path`, which answers it with 4.00; encoded the same way, such a request
+can be measured (`amplification.wire_size`) and logged like any other.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class WireGuards:
         self.limits.max_bytes = deduplication.max_bytes
 
     def install(self, context: aiocoap.Context) -> None:
-        self._deduplications += dedup.install(context, self.limits)
+        self._deduplications += dedup.install(context, self.limits, self.address_check.fitted)
         datagrams.install(context)
 
     def stats(self) -> dict[str, int]:
@@ -103,8 +104,18 @@ def _render_to_pipe(self: aiocoap.Context, pipe: Any) -> None:
     driven.on_interest_end(task.cancel)
 
 
+def use_lenient_string_options() -> None:
+    """String options (Uri-Path) decoded and encoded with surrogate escapes, process-wide."""
+    aiocoap.optiontypes.StringOption.decode = _decode_string_option
+    aiocoap.optiontypes.StringOption.encode = _encode_string_option
+
+
 def _decode_string_option(self: aiocoap.optiontypes.StringOption, rawdata: bytes) -> None:
     self.value = rawdata.decode("utf-8", "surrogateescape")
+
+
+def _encode_string_option(self: aiocoap.optiontypes.StringOption) -> bytes:
+    return self.value.encode("utf-8", "surrogateescape")  # type: ignore[no-any-return]
 
 
 async def server_context(
@@ -112,7 +123,7 @@ async def server_context(
 ) -> aiocoap.Context:
     """A bound server context for `site`, as aiocoap's command line tools make it (with
     `udp_only`, CoAP over UDP alone: no TCP, TLS or WebSockets listeners)."""
-    aiocoap.optiontypes.StringOption.decode = _decode_string_option
+    use_lenient_string_options()
     fastpath.install()
     extra: dict[str, Any] = {"transports": ["udp6"]} if udp_only else {}
     context = await server_context_from_arguments(site, namespace, **extra)

@@ -13,13 +13,15 @@ have the same internals; three attributes of the instance are replaced, no class
   is rendered is dropped as before; a later one is rendered again.
 * Everything else is stored as aiocoap stores it, while fewer than `max_entries` entries and
   `max_bytes` of responses are held; beyond that a *new* such request is answered at once with
-  5.03 and Max-Age, not processed, and nothing is stored for it.
+  5.03 and Max-Age, not processed, and nothing is stored for it. That refusal is passed through
+  `fitted` (the amplification limit: it bypasses the request's pipe).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 _RENDER_AGAIN = frozenset({Code.GET, Code.FETCH})
 #: Python objects per stored entry besides the response's bytes (key, timer, Message), measured.
 _ENTRY_OVERHEAD = 1400
+Fitted = Callable[[Message, Message], Message]  # (request, response) -> what may be sent
 _REQUIRED = (
     "_recent_messages",
     "_deduplicate_message",
@@ -93,8 +96,9 @@ class _Store(dict[Any, Any]):
 class Deduplication:
     """The bounded replacement, installed on one message manager."""
 
-    def __init__(self, manager: MessageManager, limits: Limits) -> None:
+    def __init__(self, manager: MessageManager, limits: Limits, fitted: Fitted) -> None:
         self.limits = limits
+        self._fitted = fitted
         self.refused = 0
         self._manager = manager
         self._store = _Store()
@@ -162,8 +166,9 @@ class Deduplication:
                 self.limits.max_bytes,
                 self.refused,
             )
-        response = Message(code=Code.SERVICE_UNAVAILABLE, payload=b"Busy, retry later")
-        response.opt.max_age = self.limits.retry_after
+        busy = Message(code=Code.SERVICE_UNAVAILABLE, payload=b"Busy, retry later")
+        busy.opt.max_age = self.limits.retry_after
+        response = self._fitted(request, busy)
         response.token = request.token
         response.remote = request.remote.as_response_address()
         if request.mtype is CON:
@@ -173,7 +178,7 @@ class Deduplication:
         self._manager._send_via_transport(response)
 
 
-def install(context: Any, limits: Limits) -> list[Deduplication]:
+def install(context: Any, limits: Limits, fitted: Fitted) -> list[Deduplication]:
     """Bound the deduplication state of every message manager of a new context."""
     installed = []
     for interface in context.request_interfaces:
@@ -185,5 +190,5 @@ def install(context: Any, limits: Limits) -> list[Deduplication]:
         if not isinstance(manager._recent_messages, dict) or manager._recent_messages:
             log.warning("%r has seen traffic already; its deduplication is left as it is", manager)
             continue
-        installed.append(Deduplication(manager, limits))
+        installed.append(Deduplication(manager, limits, fitted))
     return installed

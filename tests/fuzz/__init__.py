@@ -1,0 +1,1 @@
+"""The fuzz harness (`datagrams`), its atheris driver (`run`) and its seeds (`seeds`)."""
