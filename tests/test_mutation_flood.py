@@ -165,12 +165,6 @@ def test_fifty_thousand_mutated_datagrams(tmp_path: Path) -> None:
         server.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a Content-Format longer than its 2 bytes (RFC 7252 12.3) reaches the xattr store "
-    "(tree/attributes.py: str() of a >4300-digit int raises ValueError): 5.00; found by the "
-    "mutation flood; the fix belongs in protocol/options.py (check_options)",
-)
 def test_a_put_with_a_content_format_of_thousands_of_bytes_is_a_client_error(
     tmp_path: Path,
 ) -> None:

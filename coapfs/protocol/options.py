@@ -26,15 +26,25 @@ _UNDERSTOOD_CRITICAL = frozenset(
 _PROXY_OPTIONS = frozenset({OptionNumber.PROXY_URI, OptionNumber.PROXY_SCHEME})
 
 
+#: Options whose value is a Content-Format number: at most 2 bytes (RFC 7252 12.3).
+_FORMAT_OPTIONS = frozenset({OptionNumber.CONTENT_FORMAT, OptionNumber.ACCEPT})
+
+
 def check_options(request: aiocoap.Message) -> None:
-    """Refuse what this server cannot honour: proxying (5.05, RFC 7252 5.7.2) and any critical
-    option it does not act on (4.02), rather than serving something the client did not ask for."""
+    """Refuse what this server cannot honour: proxying (5.05, RFC 7252 5.7.2), any critical
+    option it does not act on (4.02), and a Content-Format or Accept longer than its 2 bytes
+    (4.02: it would be stored or compared as a number no format has), rather than serving
+    something the client did not ask for."""
     for option in request.opt.option_list():
         number = option.number
         if number in _PROXY_OPTIONS:
             raise errors.NotAProxy()
         if number.is_critical() and number not in _UNDERSTOOD_CRITICAL:
             raise errors.UnsupportedOption(f"Unsupported critical option {int(number)}")
+        if number in _FORMAT_OPTIONS and not 0 <= int(option.value) <= 0xFFFF:
+            raise errors.UnsupportedOption(
+                f"Option {int(number)} longer than 2 bytes: no Content-Format is"
+            )
 
 
 def check_accept(request: aiocoap.Message, content_format: ContentFormat | None) -> None:
