@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pwd
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from support.observer import Observer
 from support.ports import free_udp_port
 from support.repo import environment
 from support.server import COAPFS, Servers
+from support.tools import missing
 
 PROG = "coap-fileserver"
 UNWRITABLE = "write = true, but"
@@ -203,3 +205,33 @@ def test_observers_get_a_final_503_when_the_server_stops(
         # An error ends the observation (RFC 7641 §3.2): the client's iterator says so.
         assert observer.wait_ended(5), observer.notifications
     assert server.proc.wait(20) == 0, server.log()
+
+
+# --- item 5: who holds the port, when the holder cannot be seen ---------------------------------
+
+
+@pytest.mark.needs_root
+def test_port_holder_that_cannot_be_seen_is_named_by_its_user(tmp_path: Path) -> None:
+    """The unit's sandbox (ProtectProc=invisible, ProcSubset=pid) hides other users' processes
+    and /proc/net: the socket table is still read (through /proc/self/net) and its owner named.
+    Here the server runs in a PID namespace of its own, so the holder (this test) is invisible."""
+    if os.geteuid() != 0:
+        missing("needs root: a PID namespace with its own /proc")
+    root = tmp_path / "root"
+    root.mkdir()
+    port = free_udp_port()
+    hidden = ["unshare", "--pid", "--fork", "--mount-proc"]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as holder:
+        holder.bind(("127.0.0.1", port))
+        result = subprocess.run(
+            [*hidden, *COAPFS, "--bind", f"127.0.0.1:{port}", str(root)],
+            env=environment(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"{PROG}: cannot bind 127.0.0.1:{port}: Address already in use (held by a process of"
+        " user root, not visible here; ss -ulpn names it)\n"
+    )
