@@ -1,5 +1,9 @@
 """The Debian package in a real systemd (issue 5): install, serve, sandbox, reload, watchdog, write,
-purge, and an OSCORE-protected GET, all inside a booted Debian 13 container.
+purge, and an OSCORE-protected GET, all inside a booted Debian 13 container; and what an
+administrator meets (issue 12): errors at err in the journal, a held port retried with back-off,
+a warning for write = true on a read-only root, the access log's journal fields, debian/tests
+run by autopkgtest, an upgrade to a locally rebuilt (`dch -n`) package with a changed conffile
+that does not stop at dpkg's prompt, and the README's set-up on stock Debian.
 
 The steps run in file order in the session's one container (conftest's `system`, shared with
 tests/test_unit_file.py, whose checks run before them), each leaving the service running with a
@@ -24,6 +28,9 @@ pytestmark = pytest.mark.system
 UNIT = systemtest.UNIT
 CONFIG = "/etc/coap-fileserver.toml"
 CONFIG_DIR = "/etc/coap-fileserver.d"
+# Where these steps put their settings: a drop-in, as the documentation tells administrators,
+# so the conffile stays as shipped and upgrades never stop at dpkg's conffile prompt.
+LOCAL = f"{CONFIG_DIR}/local.toml"
 STATE = "/var/lib/coap-fileserver"
 ROOT = "/srv/coap"
 DROPIN_DIR = "/etc/systemd/system/coap-fileserver.service.d"
@@ -120,11 +127,32 @@ def aiocoap_get(system: container.Container, uri: str, credentials: str | None =
 
 
 def set_config(system: container.Container, key: str, value: str | None) -> None:
-    """Set a top-level key in /etc/coap-fileserver.toml (as the first line), or drop our line.
-    The shipped file has every key commented out, so any `key = ` line is ours."""
-    system.run(["sed", "-i", f"/^{key} = /d", CONFIG])
+    """Set a top-level key in the drop-in LOCAL, or drop it from there."""
+    local = system.path(LOCAL)
+    lines = local.read_text().splitlines() if local.exists() else []
+    lines = [line for line in lines if not line.startswith(f"{key} = ")]
     if value is not None:
-        system.run(["sed", "-i", f"1i {key} = {value}", CONFIG])
+        lines.append(f"{key} = {value}")
+    local.write_text("".join(line + "\n" for line in lines))
+
+
+def journal_cursor(system: container.Container) -> str:
+    """Where the journal ends now: entries after it are the ones a step caused."""
+    last = system.run(["journalctl", "-n", "1", "-o", "json", "--no-pager"]).stdout
+    return json.loads(last)["__CURSOR"]
+
+
+def journal(system: container.Container, cursor: str, *args: str) -> list[dict]:
+    """The unit's journal entries after `cursor` (journalctl's own filters in `args`)."""
+    out = system.run(
+        ["journalctl", "-u", UNIT, f"--after-cursor={cursor}", "-o", "json", "--no-pager", *args]
+    ).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def messages(entries: list[dict], identifier: str = "coap-fileserver") -> list[str]:
+    """The MESSAGE of each entry our program wrote (not systemd's own about the unit)."""
+    return [e["MESSAGE"] for e in entries if e.get("SYSLOG_IDENTIFIER") == identifier]
 
 
 def active_with_pid(system: container.Container) -> int:
@@ -155,6 +183,19 @@ def test_1_active_after_install_and_start_stop_restart(system: container.Contain
     uid = system.run(["id", "-u", "coap-fileserver"]).stdout.strip()
     status = system.run(["cat", f"/proc/{third}/status"]).stdout
     assert f"Uid:\t{uid}\t{uid}\t{uid}\t{uid}\n" in status
+
+
+def test_1b_check_config_from_anywhere_names_the_served_root(system: container.Container) -> None:
+    """Issue 12.2: run from /root (or any directory), the check names what the service serves;
+    and the package ships the drop-in directory, empty, for the administrator's settings."""
+    for where in ("/root", "/tmp", "/"):
+        checked = system.run(f"cd {where} && coap-fileserver --check-config")
+        assert checked.stdout == (
+            f"coap-fileserver: configuration OK ({CONFIG}); serving {ROOT}\n"
+        ), checked.stdout
+    listed = system.run(["dpkg-query", "-L", "coap-fileserver"]).stdout.splitlines()
+    assert CONFIG_DIR in listed
+    assert system.run(["ls", "-A", CONFIG_DIR]).stdout == ""
 
 
 def test_2_coap_client_fetches_a_file_from_the_root(system: container.Container) -> None:
@@ -230,7 +271,7 @@ def test_4_reload_good_and_bad_edits(system: container.Container) -> None:
         errors = system.run(
             ["journalctl", "-u", UNIT, "-p", "err", "--since", since, "--no-pager", "-o", "cat"]
         ).stdout
-        assert CONFIG in errors and "etag_length" in errors and "99" in errors, errors
+        assert LOCAL in errors and "etag_length" in errors and "99" in errors, errors
     finally:
         set_config(system, "etag_length", "2")
         systemctl(system, "reload")
@@ -250,11 +291,40 @@ def test_4b_invalid_config_at_start_fails_once_with_78(system: container.Contain
         assert prop(system, "ExecMainStatus") == "78", diagnostics(system)
         assert int(prop(system, "NRestarts")) == restarts, diagnostics(system)
         errors = system.run(["journalctl", "-u", UNIT, "-n", "20", "--no-pager", "-o", "cat"])
-        assert f"{CONFIG}: etag_length = 99" in errors.stdout, errors.stdout
+        assert f"{LOCAL}: etag_length = 99" in errors.stdout, errors.stdout
     finally:
         set_config(system, "etag_length", "2")
         system.run(["systemctl", "reset-failed", UNIT])
         systemctl(system, "start")
+    active_with_pid(system)
+
+
+def test_4c_every_fatal_reason_at_err(system: container.Container) -> None:
+    """Issue 12.4: `journalctl -u coap-fileserver -p err` shows why a start failed, not only
+    systemd's "Failed to start", in one line and without a traceback: a bind that is not an
+    address (configuration, exit 78), a host name that does not resolve and an address that is
+    not on this machine (exit 1, retried). The port in use is the next step's. (The container
+    has loopback only: the name lookup sends nothing anywhere.)"""
+    cases = [
+        ('["5683"]', "78", f'{LOCAL}: bind = ["5683"]: expected ":5683"'),
+        ('["no.such.host.invalid"]', "1", "coap-fileserver: cannot bind: Name resolution error"),
+        ('["192.0.2.1:5683"]', "1", "coap-fileserver: cannot bind 192.0.2.1:5683: "),
+    ]
+    try:
+        for value, status, reason in cases:
+            set_config(system, "bind", value)
+            cursor = journal_cursor(system)
+            assert restart(system, check=False).returncode != 0
+            assert prop(system, "ExecMainStatus") == status, diagnostics(system)
+            errors = messages(journal(system, cursor, "-p", "err"))
+            assert any(reason in m for m in errors), (errors, diagnostics(system))
+            # The reason is ours, at err; systemd's own "Failed to start" is there besides.
+            assert all(m.startswith("coap-fileserver: ") for m in errors), errors
+            everything = messages(journal(system, cursor))
+            assert not any("Traceback" in m for m in everything), everything
+    finally:
+        set_config(system, "bind", None)
+        restart(system)
     active_with_pid(system)
 
 

@@ -7,12 +7,18 @@ tests/test_unit_file.py and tests/test_package.py share it for the whole session
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import container
 import pytest
 import systemtest
+
+from support.repo import REPO
 
 
 def booted_system() -> Iterator[container.Container]:
@@ -26,3 +32,24 @@ def booted_system() -> Iterator[container.Container]:
         container.log(f"system test ready after {time.monotonic() - started:.0f} s")
         yield booted
     container.log(f"system test done after {time.monotonic() - started:.0f} s")
+
+
+# --- what some steps need beside the booted system ------------------------------------------------
+
+
+def copy_checkout(dest: Path) -> Path:
+    """The checkout's sources (tracked and new files, as packaging/build-deb takes them) copied
+    to `dest`: what a user has after `git clone`, without caches, dist/ or environments."""
+    listed = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        check=True,
+        capture_output=True,
+    ).stdout.split(b"\0")
+    for raw in filter(None, listed):
+        rel = Path(os.fsdecode(raw))
+        source = REPO / rel
+        if not (source.is_symlink() or source.is_file()):
+            continue  # deleted in the work tree, not yet in the index
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, dest / rel, follow_symlinks=False)
+    return dest
