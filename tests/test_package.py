@@ -352,6 +352,77 @@ def test_5_watchdog_restarts_a_stopped_daemon(system: container.Container) -> No
     assert coap_client_get(system, "coap://[::1]/hello.txt") == "hello from the package\n"
 
 
+HOLDER = "coapfs-port-holder.service"
+# A process of another user (root) holding the service's port on every address, as a second
+# server started by hand would.
+HOLD_PORT = (
+    "import socket, time\n"
+    "s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
+    "s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\n"
+    "s.bind(('::', 5683))\n"
+    "time.sleep(600)\n"
+)
+BACKOFF_WATCH = 15.0
+
+
+def port_5683_bound(system: container.Container) -> bool:
+    table = system.run(["cat", "/proc/net/udp6", "/proc/net/udp"]).stdout
+    return ":1633 " in table  # 5683 in hex
+
+
+def test_5b_port_in_use_is_retried_with_backoff_and_comes_up_when_free(
+    system: container.Container,
+) -> None:
+    """Issue 12.5: a held port is retried ever more slowly (RestartSteps=), never reaching the
+    start limit; the err line says who holds the port; a manual restart works meanwhile; once
+    the port is free the service comes up by itself."""
+    systemctl(system, "stop")
+    system.run(["systemd-run", f"--unit={HOLDER}", "python3", "-c", HOLD_PORT])
+    try:
+        wait_until(lambda: port_5683_bound(system), 20, what="the holder binds port 5683")
+        cursor = journal_cursor(system)
+        # No reset-failed here: the start limit is what this step is about.
+        start = system.run(["systemctl", "restart", UNIT], check=False, timeout=90)
+        assert start.returncode != 0
+        seen = []
+        deadline = time.monotonic() + BACKOFF_WATCH
+        while time.monotonic() < deadline:
+            state = [prop(system, n) for n in ("ActiveState", "SubState", "Result", "NRestarts")]
+            seen.append(tuple(state))
+            time.sleep(0.5)
+        assert all(s[0] == "activating" for s in seen), seen
+        assert all(s[2] != "start-limit-hit" for s in seen), seen
+        restarts = int(seen[-1][3])
+        # At a fixed RestartSec=1s it would be 7 or so, and the start limit (5 in 10 s) hit.
+        assert 2 <= restarts <= 5, seen
+        errors = messages(journal(system, cursor, "-p", "err"))
+        held = (
+            "coap-fileserver: cannot bind all addresses: Address already in use (held by a"
+            " process of user root, not visible here; ss -ulpn names it)"
+        )
+        # One per start: the first, and each restart (one more may have begun meanwhile).
+        assert restarts + 1 <= errors.count(held) <= restarts + 2, errors
+        assert set(errors) == {held}, errors
+
+        # A manual restart is never refused as "repeated too quickly".
+        again = system.run(["systemctl", "restart", UNIT], check=False, timeout=90)
+        assert again.returncode != 0 and "too quickly" not in again.stderr, again.stderr
+        assert prop(system, "ActiveState") == "activating"
+    finally:
+        system.run(["systemctl", "stop", HOLDER], check=False)
+    released = time.monotonic()
+    wait_until(
+        lambda: is_active(system) == "active",
+        70,
+        what="the service comes up by itself once the port is free",
+        interval=0.5,
+        details=lambda: diagnostics(system),
+    )
+    container.log(f"up {time.monotonic() - released:.1f} s after the port was freed")
+    assert system.run(["systemctl", "restart", UNIT], timeout=90).returncode == 0
+    assert coap_client_get(system, "coap://[::1]/hello.txt") == "hello from the package\n"
+
+
 def test_6_write_needs_the_documented_dropin(system: container.Container) -> None:
     system.run(["chown", "coap-fileserver:coap-fileserver", ROOT])
     set_config(system, "write", "true")
