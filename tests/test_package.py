@@ -423,18 +423,42 @@ def test_5b_port_in_use_is_retried_with_backoff_and_comes_up_when_free(
     assert coap_client_get(system, "coap://[::1]/hello.txt") == "hello from the package\n"
 
 
+UNWRITABLE = f"write = true, but {ROOT} cannot be written: "
+
+
+def unwritable_warnings(system: container.Container, cursor: str) -> list[dict]:
+    entries = journal(system, cursor)
+    return [e for e in entries if UNWRITABLE in e.get("MESSAGE", "")]
+
+
 def test_6_write_needs_the_documented_dropin(system: container.Container) -> None:
-    system.run(["chown", "coap-fileserver:coap-fileserver", ROOT])
+    """write = true (in a drop-in) takes the write drop-in of the unit and the root's owner;
+    issue 12.6: each missing one is named in one warning, with what to run."""
+    put = ["-m", "put", "-e", "written over CoAP"]
+    cursor = journal_cursor(system)
     set_config(system, "write", "true")
     systemctl(system, "reload")
-    put = ["-m", "put", "-e", "written over CoAP"]
 
-    # write = true alone: the sandbox keeps the root read-only.
+    # write = true alone: the sandbox keeps the root read-only, and the journal says so once.
     coap_client(system, *put, "coap://[::1]/refused.txt")
     assert not system.path(f"{ROOT}/refused.txt").exists()
+    (warning,) = unwritable_warnings(system, cursor)
+    assert warning["PRIORITY"] == "4", warning
+    text = warning["MESSAGE"]
+    assert f"{UNWRITABLE}it is on a read-only mount" in text, text
+    assert f"cp {WRITE_EXAMPLE} {DROPIN_DIR}/" in text, text
+    assert f"chown coap-fileserver:coap-fileserver {ROOT}" in text, text
 
+    # The unit's drop-in, but the root still root's: the missing permission is named.
     system.run(f"mkdir -p {DROPIN_DIR} && cp {WRITE_EXAMPLE} {DROPIN_DIR}/")
     system.run(["systemctl", "daemon-reload"])
+    cursor = journal_cursor(system)
+    restart(system)
+    (warning,) = unwritable_warnings(system, cursor)
+    assert f"{UNWRITABLE}user coap-fileserver lacks write permission" in warning["MESSAGE"]
+
+    system.run(["chown", "coap-fileserver:coap-fileserver", ROOT])
+    cursor = journal_cursor(system)
     restart(system)
     active_with_pid(system)
     got = coap_client(system, *put, "coap://[::1]/uploaded.txt")
@@ -443,6 +467,33 @@ def test_6_write_needs_the_documented_dropin(system: container.Container) -> Non
     owner = system.run(["stat", "-c", "%U", f"{ROOT}/uploaded.txt"]).stdout.strip()
     assert owner == "coap-fileserver"
     assert coap_client_get(system, "coap://[::1]/uploaded.txt") == "written over CoAP"
+    assert unwritable_warnings(system, cursor) == []
+
+
+def test_6b_access_log_fields_in_the_journal(system: container.Container) -> None:
+    """Issue 12.9: access_log = true, and each request is one journal entry whose fields say
+    who asked what and what came back; `journalctl -u coap-fileserver CODE=4.04` finds it."""
+    set_config(system, "access_log", "true")
+    systemctl(system, "reload")
+    cursor = journal_cursor(system)
+    try:
+        assert coap_client_get(system, "coap://[::1]/hello.txt") == "hello from the package\n"
+        coap_client(system, "-m", "get", "coap://127.0.0.1/missing.txt")
+        entries = journal(system, cursor, "SYSLOG_IDENTIFIER=coap-fileserver", "METHOD=GET")
+        by_path = {e["PATH"]: e for e in entries}
+        hello, missing = by_path["/hello.txt"], by_path["/missing.txt"]
+        assert (hello["CODE"], hello["BYTES"], hello["REMOTE"]) == ("2.05", "23", "::1"), hello
+        assert (missing["CODE"], missing["REMOTE"]) == ("4.04", "127.0.0.1"), missing
+        for entry in (hello, missing):
+            assert entry["PRIORITY"] == "6" and entry["_SYSTEMD_UNIT"] == UNIT, entry
+            assert float(entry["DURATION_MS"]) >= 0 and int(entry["REMOTE_PORT"]) > 0, entry
+            assert "IDENTITY" not in entry  # no OSCORE: nobody authenticated
+            assert entry["MESSAGE"].startswith("coapfs.access: "), entry
+        found = journal(system, cursor, "CODE=4.04")
+        assert [e["PATH"] for e in found] == ["/missing.txt"], found
+    finally:
+        set_config(system, "access_log", None)
+        systemctl(system, "reload")
 
 
 def test_7_purge_removes_the_package_and_keeps_served_files(system: container.Container) -> None:
