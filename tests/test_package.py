@@ -14,6 +14,7 @@ valid configuration for the next. Everything talks over the container's own loop
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import time
@@ -23,6 +24,7 @@ import pytest
 import systemtest
 
 from support.polling import wait_until
+from support.system import copy_checkout
 
 pytestmark = pytest.mark.system
 UNIT = systemtest.UNIT
@@ -421,6 +423,33 @@ def test_5b_port_in_use_is_retried_with_backoff_and_comes_up_when_free(
     container.log(f"up {time.monotonic() - released:.1f} s after the port was freed")
     assert system.run(["systemctl", "restart", UNIT], timeout=90).returncode == 0
     assert coap_client_get(system, "coap://[::1]/hello.txt") == "hello from the package\n"
+
+
+def test_5c_autopkgtest_runs_debian_tests(system: container.Container) -> None:
+    """Issue 12.11: debian/tests as Debian's CI runs them, by autopkgtest from the unpacked
+    source against the installed package. The booted container is the isolation the test's
+    `isolation-container` restriction asks for; the null runner cannot know that, so it is told
+    (--ignore-restrictions) rather than the restriction dropped for Debian's CI."""
+    source = "/root/source"
+    system.run(["rm", "-rf", source])
+    copy_checkout(system.path(source))
+    got = system.run(
+        [
+            "autopkgtest",
+            "--no-built-binaries",
+            "--ignore-restrictions=isolation-container",
+            source,
+            "--",
+            "null",
+        ],
+        check=False,
+        timeout=300,
+    )
+    report = got.stdout + got.stderr
+    assert got.returncode == 0, report
+    assert re.search(r"^service +PASS$", report, re.MULTILINE), report
+    assert "ok: served 'autopkgtest " in report, report
+    active_with_pid(system)
 
 
 UNWRITABLE = f"write = true, but {ROOT} cannot be written: "
