@@ -16,15 +16,18 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import container
 import pytest
 import systemtest
 
 from support.polling import wait_until
-from support.system import copy_checkout
+from support.system import CONFFILE_CHANGE, copy_checkout, nmu_build
 
 pytestmark = pytest.mark.system
 UNIT = systemtest.UNIT
@@ -74,6 +77,22 @@ def system(system: container.Container) -> container.Container:
     """The session's booted system (conftest), with the aiocoap client script in place."""
     system.path(CLIENT_PATH).write_text(CLIENT)
     return system
+
+
+@pytest.fixture(scope="module")
+def nmu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """A local rebuild (`dch -n`, a changed conffile), built while the first steps run."""
+    workdir = tmp_path_factory.mktemp("nmu")
+    process, deb = nmu_build(workdir)
+    yield process, deb
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def start_nmu_build(nmu: tuple[subprocess.Popen, Path]) -> None:
+    """Start that build with the module's first step, so it overlaps the waiting ones."""
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -155,6 +174,15 @@ def journal(system: container.Container, cursor: str, *args: str) -> list[dict]:
 def messages(entries: list[dict], identifier: str = "coap-fileserver") -> list[str]:
     """The MESSAGE of each entry our program wrote (not systemd's own about the unit)."""
     return [e["MESSAGE"] for e in entries if e.get("SYSLOG_IDENTIFIER") == identifier]
+
+
+def package_state(system: container.Container) -> tuple[str, str]:
+    """dpkg's status abbreviation ("ii" = installed and configured) and the version."""
+    out = system.run(
+        ["dpkg-query", "-W", "-f", "${db:Status-Abbrev}|${Version}", "coap-fileserver"]
+    ).stdout
+    status, version = out.split("|")
+    return status.strip(), version
 
 
 def active_with_pid(system: container.Container) -> int:
@@ -523,6 +551,51 @@ def test_6b_access_log_fields_in_the_journal(system: container.Container) -> Non
     finally:
         set_config(system, "access_log", None)
         systemctl(system, "reload")
+
+
+def test_6c_upgrade_to_a_local_rebuild_with_a_changed_conffile(
+    system: container.Container, nmu: tuple[subprocess.Popen, Path]
+) -> None:
+    """Issues 12.7 and 12.11: a rebuild with a `dch -n` version builds (build-deb's version
+    check and lintian accept it), and upgrading to it, whose /etc/coap-fileserver.toml changed,
+    completes unattended (apt-get -y, no --force-conf*): the settings are in a drop-in, so dpkg
+    has no edited conffile to ask about. Had the conffile been edited, it would stop there."""
+    process, deb = nmu
+    status = process.wait(timeout=900)
+    log = deb.parents[2] / "build.log"
+    assert status == 0 and deb.exists(), log.read_text()[-5000:]
+    assert "lintian clean" in log.read_text()
+    version = deb.name.split("_")[1]
+    inside = "/root/rebuilt.deb"
+    shutil.copyfile(deb, system.path(inside))
+    assert package_state(system)[0] == "ii"
+
+    upgrade = system.run(["apt-get", "install", "-y", "-q", inside], check=False, timeout=300)
+    assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
+    assert package_state(system) == ("ii", version)
+    assert system.path(CONFIG).read_text().endswith(CONFFILE_CHANGE)
+    leftovers = system.run(f"ls -d {CONFIG}.* {LOCAL}.* 2>/dev/null || true").stdout
+    assert leftovers == "", leftovers
+    # The drop-in still decides: writes on, after the upgrade's restart.
+    active_with_pid(system)
+    assert "read-write" in prop(system, "StatusText"), diagnostics(system)
+
+    # The contrast: an edited conffile and another shipped one stop dpkg at its prompt, which
+    # an unattended upgrade (no terminal) cannot answer.
+    with system.path(CONFIG).open("a") as conffile:
+        conffile.write("write = true\n")
+    downgrade = system.run(
+        ["apt-get", "install", "-y", "-q", "--allow-downgrades", systemtest.DEB_INSIDE],
+        check=False,
+        timeout=300,
+    )
+    assert downgrade.returncode != 0
+    assert "end of file on stdin at conffile prompt" in downgrade.stdout + downgrade.stderr
+    assert package_state(system)[0] != "ii"
+    system.run(["dpkg", "--configure", "--force-confnew", "coap-fileserver"], timeout=300)
+    system.run(["rm", "-f", f"{CONFIG}.dpkg-old"])
+    assert package_state(system)[0] == "ii"
+    active_with_pid(system)
 
 
 def test_7_purge_removes_the_package_and_keeps_served_files(system: container.Container) -> None:

@@ -53,3 +53,40 @@ def copy_checkout(dest: Path) -> Path:
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, dest / rel, follow_symlinks=False)
     return dest
+
+
+#: `dch -n` with DEBFULLNAME/DEBEMAIL set, on this native package: a +nmuN version, UNRELEASED,
+#: and the "Non-maintainer upload." line (checked against devscripts' dch).
+NMU_ENTRY = """coap-fileserver ({version}) UNRELEASED; urgency=medium
+
+  * Non-maintainer upload.
+  * Local rebuild.
+
+ -- Jane Admin <jane@example.org>  {date}
+
+"""
+#: What the rebuilt package changes in its conffile (so that an upgrade to it replaces it).
+CONFFILE_CHANGE = "\n# A local rebuild changed this file.\n"
+
+
+def nmu_build(workdir: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start building, with packaging/build-deb --nocheck, the package of a copy of the checkout
+    with a `dch -n` entry and a changed /etc/coap-fileserver.toml; the build's process and
+    the .deb it will leave. The copy shares the packaging cache (the build root filesystem)."""
+    source = copy_checkout(workdir / "source")
+    changelog = source / "debian" / "changelog"
+    old = changelog.read_text()
+    version = old.split("(", 1)[1].split(")", 1)[0] + "+nmu1"
+    date = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime())
+    changelog.write_text(NMU_ENTRY.format(version=version, date=date) + old)
+    conffile = source / "etc" / "coap-fileserver.toml"
+    conffile.write_text(conffile.read_text() + CONFFILE_CHANGE)
+    log = (workdir / "build.log").open("wb")
+    process = subprocess.Popen(
+        [str(source / "packaging" / "build-deb"), "--nocheck"],
+        env=dict(os.environ, COAPFS_PACKAGING_CACHE=str(container.CACHE)),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    return process, source / "dist" / f"coap-fileserver_{version}_all.deb"
