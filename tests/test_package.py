@@ -19,6 +19,7 @@ import shlex
 import shutil
 import subprocess
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import pytest
 import systemtest
 
 from support.polling import wait_until
-from support.system import CONFFILE_CHANGE, copy_checkout, nmu_build
+from support.system import CONFFILE_CHANGE, copy_checkout, fetch_debs, nmu_build, wheelhouse
 
 pytestmark = pytest.mark.system
 UNIT = systemtest.UNIT
@@ -621,3 +622,75 @@ def test_7_purge_removes_the_package_and_keeps_served_files(system: container.Co
     assert served == "hello from the package\nwritten over CoAP"
     dpkg = system.run(["dpkg-query", "-W", "coap-fileserver"], check=False)
     assert dpkg.returncode != 0, dpkg.stdout
+
+
+CHECKOUT = "/root/coap-fileserver"
+README_SERVER = "coapfs-readme.service"
+SITE_DIRS = "/usr/lib/python3/dist-packages /usr/local/lib /usr/lib/python3.13 /root/.local"
+
+
+def site_packages(system: container.Container) -> list[str]:
+    """Every file in the system Python's site-packages and dist-packages directories."""
+    found = system.run(
+        f"find {SITE_DIRS} -type f 2>/dev/null | grep -E '/(site|dist)-packages/' | sort || true"
+    ).stdout
+    return found.splitlines()
+
+
+# The README's first command, as proposed for issue 12.3 (README.md is the lead's to change).
+README_SETUP = "sh packaging/venv && .venv/bin/coap-fileserver"
+
+
+def test_8_readme_setup_on_stock_debian(system: container.Container) -> None:
+    """Issue 12.3: the README's first command on a stock Debian 13 as root, from a checkout:
+    packaging/venv installs python3-venv with apt, makes .venv, installs the project there, and
+    leaves the system Python and the checkout as they were; the server it starts serves the
+    checkout. The container has no network: apt takes python3-venv's packages from its cache
+    (fetched on the host, as apt would have), pip takes the same wheels from a wheelhouse."""
+    setup, serve = README_SETUP.split(" && ")
+    for deb in fetch_debs(system, "python3-venv"):
+        shutil.copyfile(deb, system.path(f"/var/cache/apt/archives/{deb.name}"))
+    project = tomllib.loads((container.PACKAGING.parent / "pyproject.toml").read_text())
+    requirements = [r.split(";")[0] for r in project["project"]["dependencies"]]
+    house = wheelhouse([*project["build-system"]["requires"], *requirements])
+    system.run(["rm", "-rf", CHECKOUT, "/root/wheels"])
+    copy_checkout(system.path(CHECKOUT))
+    shutil.copytree(house, system.path("/root/wheels"))
+    assert system.run(["python3", "-c", "import ensurepip"], check=False).returncode != 0
+    before = site_packages(system)
+
+    made = system.run(
+        f"cd {CHECKOUT} && PIP_NO_INDEX=1 PIP_FIND_LINKS=/root/wheels {setup}",
+        check=False,
+        timeout=300,
+    )
+    assert made.returncode == 0, made.stdout + made.stderr
+    assert "installing python3-venv" in made.stderr, made.stderr
+    assert site_packages(system) == before
+    left = system.run(f"cd {CHECKOUT} && ls -d build *.egg-info 2>/dev/null || true").stdout
+    assert left == "", left
+    where = system.run([f"{CHECKOUT}/.venv/bin/python", "-c", "import coapfs; print(coapfs)"])
+    assert f"from '{CHECKOUT}/.venv/lib/python3" in where.stdout, where.stdout
+
+    # The server as the README starts it, from the checkout: it serves the checkout (on the
+    # default port, free since the package was purged).
+    assert is_active(system) != "active"
+    system.run(
+        ["systemd-run", f"--unit={README_SERVER}", f"--working-directory={CHECKOUT}"]
+        + ["/bin/sh", "-c", f"exec {serve}"]
+    )
+    try:
+        wait_until(
+            lambda: (
+                system.run(["systemctl", "is-active", README_SERVER], check=False).returncode == 0
+                and coap_client(system, "-m", "get", "coap://[::1]/.well-known/core").returncode
+                == 0
+            ),
+            30,
+            what="the README's server answers",
+        )
+        listing = coap_client_get(system, "coap://[::1]/")
+        assert "</README.md>" in listing and "</packaging/>;ct=40" in listing, listing
+        assert "build" not in listing and "egg-info" not in listing and ".venv" not in listing
+    finally:
+        system.run(["systemctl", "stop", README_SERVER], check=False)

@@ -7,10 +7,13 @@ tests/test_unit_file.py and tests/test_package.py share it for the whole session
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,3 +93,45 @@ def nmu_build(workdir: Path) -> tuple[subprocess.Popen[bytes], Path]:
     )
     log.close()
     return process, source / "dist" / f"coap-fileserver_{version}_all.deb"
+
+
+def fetch_debs(system: container.Container, package: str) -> list[Path]:
+    """The .deb files apt inside `system` would download to install `package` (with what it
+    recommends, as apt-get install does), fetched on the host into the packaging cache and
+    checked against apt's hashes: so the container's apt installs them offline, from its cache,
+    exactly as it would after downloading them."""
+    uris = system.run(["apt-get", "install", "--print-uris", "-qq", package]).stdout
+    cache = container.CACHE / "debs"
+    cache.mkdir(parents=True, exist_ok=True)
+    files = []
+    for line in uris.splitlines():
+        uri, name, _size, digest = line.split()
+        algorithm, _, expected = digest.partition(":")
+        target = cache / name
+        if not target.exists():
+            with urllib.request.urlopen(uri.strip("'"), timeout=60) as response:
+                data = response.read()
+            if hashlib.new(algorithm.lower().removesuffix("sum"), data).hexdigest() != expected:
+                raise container.ContainerError(f"{uri}: not the file apt expects")
+            target.with_suffix(".partial").write_bytes(data)
+            target.with_suffix(".partial").rename(target)
+        files.append(target)
+    return files
+
+
+def wheelhouse(requirements: list[str]) -> Path:
+    """Wheels of `requirements` and their dependencies (all pure Python), made by pip on the
+    host and cached: the stand-in for PyPI inside the container, which has no network."""
+    key = hashlib.sha256("\n".join(sorted(requirements)).encode()).hexdigest()[:16]
+    house = container.CACHE / f"wheelhouse-{key}"
+    if not house.exists():
+        partial = house.with_name(house.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check"]
+            + ["--wheel-dir", str(partial), *requirements],
+            check=True,
+            timeout=300,
+        )
+        partial.rename(house)
+    return house
