@@ -478,6 +478,7 @@ def test_5c_autopkgtest_runs_debian_tests(system: container.Container) -> None:
     assert got.returncode == 0, report
     assert re.search(r"^service +PASS$", report, re.MULTILINE), report
     assert "ok: served 'autopkgtest " in report, report
+    assert "logged it (coapfs.access: [::1]:" in report, report
     active_with_pid(system)
 
 
