@@ -450,7 +450,10 @@ def test_5b_port_in_use_is_retried_with_backoff_and_comes_up_when_free(
         details=lambda: diagnostics(system),
     )
     container.log(f"up {time.monotonic() - released:.1f} s after the port was freed")
-    assert system.run(["systemctl", "restart", UNIT], timeout=90).returncode == 0
+    # Quick manual restarts, more than a start limit would allow (5 in 10 s), all work.
+    for _ in range(6):
+        assert system.run(["systemctl", "restart", UNIT], timeout=90).returncode == 0
+    assert prop(system, "Result") == "success"
     assert coap_client_get(system, "coap://[::1]/hello.txt") == "hello from the package\n"
 
 

@@ -50,6 +50,7 @@ def test_unit_as_systemd_reads_it(system: container.Container) -> None:
         "RestartSteps",
         "RestartMaxDelayUSec",
         "RestartPreventExitStatus",
+        "StartLimitIntervalUSec",
         "ExecStartPre",
         "User",
         "StateDirectory",
@@ -69,6 +70,7 @@ def test_unit_as_systemd_reads_it(system: container.Container) -> None:
         "8",
         "1min",
     )
+    assert props["StartLimitIntervalUSec"] == "0"  # no start limit: manual restarts always work
     assert props["RestartPreventExitStatus"] == "78"
     assert (
         "path=/usr/bin/coap-fileserver ; argv[]=/usr/bin/coap-fileserver --check-config ;"
