@@ -58,14 +58,15 @@ def copy_checkout(dest: Path) -> Path:
     return dest
 
 
-#: `dch -n` with DEBFULLNAME/DEBEMAIL set, on this native package: a +nmuN version, UNRELEASED,
-#: and the "Non-maintainer upload." line (checked against devscripts' dch).
+#: `dch -n "Local rebuild."` run as root on a host named buildhost without DEBEMAIL, on this
+#: native package: a +nmuN version, UNRELEASED, the "Non-maintainer upload." line, and the
+#: user@host address dch makes up (checked against devscripts' dch).
 NMU_ENTRY = """coap-fileserver ({version}) UNRELEASED; urgency=medium
 
   * Non-maintainer upload.
   * Local rebuild.
 
- -- Jane Admin <jane@example.org>  {date}
+ -- root <root@buildhost>  {date}
 
 """
 #: What the rebuilt package changes in its conffile (so that an upgrade to it replaces it).
