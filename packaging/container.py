@@ -46,8 +46,11 @@ CONTAINER_ENV = (
 )
 
 # What a booted test system needs: systemd itself, the package's dependencies (so the .deb installs
-# offline), libcoap's coap-client as an independent CoAP peer, and man-db, with which
-# `systemd-analyze verify` checks the unit's Documentation=man: pages.
+# offline), libcoap's coap-client as an independent CoAP peer, man-db, with which
+# `systemd-analyze verify` checks the unit's Documentation=man: pages, and autopkgtest, which
+# runs debian/tests against the installed package (`autopkgtest ... -- null`), with dpkg-dev,
+# which it needs to prepare an unbuilt source tree (dpkg-source --before-build), as Debian's CI
+# prepares the source package.
 RUNTIME_PACKAGES = (
     "systemd",
     "systemd-sysv",
@@ -62,6 +65,8 @@ RUNTIME_PACKAGES = (
     "python3-filelock",
     "libcoap3-bin",
     "man-db",
+    "autopkgtest",
+    "dpkg-dev",
 )
 
 # The build user, as sbuild has one: the package is built and its tests run without root.

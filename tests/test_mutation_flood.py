@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import coapmsg
-import pytest
 
 from support.flood import Flood
 from support.raw import (

@@ -46,7 +46,11 @@ def test_unit_as_systemd_reads_it(system: container.Container) -> None:
         "Type",
         "WatchdogUSec",
         "Restart",
+        "RestartUSec",
+        "RestartSteps",
+        "RestartMaxDelayUSec",
         "RestartPreventExitStatus",
+        "StartLimitIntervalUSec",
         "ExecStartPre",
         "User",
         "StateDirectory",
@@ -60,6 +64,13 @@ def test_unit_as_systemd_reads_it(system: container.Container) -> None:
     assert props["Type"] == "notify-reload"
     assert props["WatchdogUSec"] == "10s"
     assert props["Restart"] == "on-failure"
+    # Issue 12.5: a failure that persists is retried from 1 s up to a minute, in 8 steps.
+    assert (props["RestartUSec"], props["RestartSteps"], props["RestartMaxDelayUSec"]) == (
+        "1s",
+        "8",
+        "1min",
+    )
+    assert props["StartLimitIntervalUSec"] == "0"  # no start limit: manual restarts always work
     assert props["RestartPreventExitStatus"] == "78"
     assert (
         "path=/usr/bin/coap-fileserver ; argv[]=/usr/bin/coap-fileserver --check-config ;"

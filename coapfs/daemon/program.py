@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TextIO
 
 import daemon
+from aiocoap.error import ResolutionError
 from daemon.pidfile import TimeoutPIDLockFile
 
 from ..config import ConfigError, Loaded, Loader
@@ -36,8 +37,21 @@ def fail(message: str, status: int) -> int:
     return status
 
 
+#: What a start can fail with, each said in one line: a configuration error, or a start-up
+#: failure (a port in use, a bind host name that does not resolve: aiocoap's ResolutionError,
+#: which is no OSError, used to end the program with a traceback).
+START_FAILURES = (ConfigError, StartupError, OSError, ResolutionError)
+
+
 def exit_status(error: Exception) -> int:
     return EX_CONFIG if isinstance(error, ConfigError) else EX_FAILURE
+
+
+def reason(error: Exception) -> str:
+    """The one line for a failed start."""
+    if isinstance(error, ResolutionError):
+        return f"cannot bind: {error}"
+    return str(error)
 
 
 def serve(loader: Loader, loaded: Loaded, on_ready: Callable[[], None] | None = None) -> int:
@@ -53,8 +67,8 @@ def run_foreground(loader: Loader, loaded: Loaded, pidfile: Path | None) -> int:
     try:
         with pid_lock(pidfile):
             return serve(loader, loaded)
-    except (ConfigError, StartupError, OSError) as e:
-        return fail(str(e), exit_status(e))
+    except START_FAILURES as e:
+        return fail(reason(e), exit_status(e))
 
 
 class PidfileInUse(StartupError):
@@ -147,11 +161,11 @@ def _daemon(loader: Loader, loaded: Loaded, pidfile: Path | None, report: TextIO
         return EX_FAILURE
     try:
         status = serve(loader, loaded, on_ready=lambda: tell("0 ready"))
-    except (ConfigError, StartupError, OSError) as e:
+    except START_FAILURES as e:
         status = exit_status(e)
         if report.closed:
-            logging.getLogger("coapfs").error("%s", e)
-        tell(f"{status} {e}")
+            logging.getLogger("coapfs").error("%s", reason(e))
+        tell(f"{status} {reason(e)}")
     finally:
         tell(f"{EX_FAILURE} stopped before it was ready")
         context.close()
