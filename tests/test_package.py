@@ -43,8 +43,8 @@ DROPIN_DIR = "/etc/systemd/system/coap-fileserver.service.d"
 WRITE_EXAMPLE = "/usr/share/doc/coap-fileserver/examples/write.conf"
 MAX_EXPOSURE = 1.5
 
-# A real aiocoap client inside the container: GET a URI (optionally through OSCORE) and report
-# what came back as one JSON line.
+# A real aiocoap client inside the container: GET (or PUT) a URI, optionally through OSCORE, and
+# report what came back as one JSON line.
 CLIENT = """
 import asyncio, json, sys
 import aiocoap
@@ -52,13 +52,14 @@ from coapfs.daemon.credentials import prepare_credentials
 
 prepare_credentials(None)  # aiocoap's OSCORE transport imports lakers, which Debian lacks
 
-async def main(uri, credentials):
+async def main(uri, credentials, method="GET", payload=""):
     # Named transports: aiocoap 0.4.14 leaves OSCORE out of a client's defaults on Debian 13.
     context = await aiocoap.Context.create_client_context(transports=["oscore", "udp6"])
     if credentials:
         with open(credentials) as f:
             context.client_credentials.load_from_dict(json.load(f))
-    request = aiocoap.Message(code=aiocoap.GET, uri=uri)
+    code = aiocoap.numbers.codes.Code[method]
+    request = aiocoap.Message(code=code, uri=uri, payload=payload.encode())
     response = await asyncio.wait_for(context.request(request).response, 20)
     print(json.dumps({
         "code": str(response.code),
@@ -68,7 +69,8 @@ async def main(uri, credentials):
     }))
     await context.shutdown()
 
-asyncio.run(main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None))
+asyncio.run(main(sys.argv[1], sys.argv[2] or None, *sys.argv[3:]) if len(sys.argv) > 2
+            else main(sys.argv[1], None))
 """
 CLIENT_PATH = "/root/coap-get.py"
 
@@ -141,8 +143,13 @@ def coap_client_get(system: container.Container, uri: str) -> str:
     return out.read_text()
 
 
-def aiocoap_get(system: container.Container, uri: str, credentials: str | None = None) -> dict:
-    args = ["python3", CLIENT_PATH, uri, *([credentials] if credentials else [])]
+def aiocoap_get(
+    system: container.Container, uri: str, credentials: str | None = None, *, put: str | None = None
+) -> dict:
+    """A GET (or with `put`, a PUT of that text) from the aiocoap client in the container."""
+    args = ["python3", CLIENT_PATH, uri, credentials or ""]
+    if put is not None:
+        args += ["PUT", put]
     result = system.run(args, check=False, timeout=60)
     assert result.returncode == 0, result.stderr + diagnostics(system)
     return json.loads(result.stdout)
@@ -555,6 +562,43 @@ def test_6b_access_log_fields_in_the_journal(system: container.Container) -> Non
         assert [e["PATH"] for e in found] == ["/missing.txt"], found
     finally:
         set_config(system, "access_log", None)
+        systemctl(system, "reload")
+
+
+def test_6d_writes_by_an_oscore_identity_only(system: container.Container) -> None:
+    """Issue 9: an [[access]] rule lets only the OSCORE identity ":uploader" write; its PUT is
+    2.01 and logged with the identity, an unauthenticated PUT is 4.01 and writes nothing."""
+    server_ctx, client_ctx = f"{STATE}/oscore-uploader", "/root/oscore-uploader"
+    secret = "the uploader's secret"
+    for path, sender, recipient in ((server_ctx, "75", "55"), (client_ctx, "55", "75")):
+        settings = {"sender-id_hex": sender, "recipient-id_hex": recipient, "secret_ascii": secret}
+        system.run(["mkdir", "-p", path])
+        system.path(f"{path}/settings.json").write_text(json.dumps(settings))
+    system.run(["chown", "-R", "coap-fileserver:coap-fileserver", server_ctx])
+    server_credentials = {":uploader": {"oscore": {"contextfile": server_ctx + "/"}}}
+    system.path(f"{STATE}/uploader.json").write_text(json.dumps(server_credentials))
+    dropin = f"{CONFIG_DIR}/access.toml"
+    system.path(dropin).write_text(
+        f'credentials = "{STATE}/uploader.json"\n\n[[access]]\npath = "/"\nwrite = ":uploader"\n'
+    )
+    client_credentials = {"coap://[::1]/*": {"oscore": {"contextfile": client_ctx + "/"}}}
+    system.path("/root/uploader.json").write_text(json.dumps(client_credentials))
+    cursor = journal_cursor(system)
+    try:
+        check = system.run(["coap-fileserver", "--check-config"], check=False)
+        assert check.returncode == 0, check.stdout + check.stderr
+        systemctl(system, "reload")
+        active_with_pid(system)
+        refused = coap_client(system, "-m", "put", "-e", "anonymous", "coap://[::1]/by-oscore.txt")
+        assert "4.01" in refused.stdout + refused.stderr, refused
+        assert not system.path(f"{ROOT}/by-oscore.txt").exists()
+        got = aiocoap_get(system, "coap://[::1]/by-oscore.txt", "/root/uploader.json", put="signed")
+        assert (got["code"], got["oscore"]) == ("2.01 Created", True), got
+        assert system.path(f"{ROOT}/by-oscore.txt").read_text() == "signed"
+        changes = [m for m in messages(journal(system, cursor)) if m.startswith("coapfs.changes")]
+        assert any(":uploader@" in m and "/by-oscore.txt" in m for m in changes), changes
+    finally:
+        system.run(["rm", "-f", dropin, f"{ROOT}/by-oscore.txt"])
         systemctl(system, "reload")
 
 
