@@ -2,7 +2,15 @@
 imports pyinotify.
 
 One kernel watch per inode: every path leading to a watched directory (a symlink to it, a bind
-mount) shares it, and each of its records is reported under every such path."""
+mount) shares it, and each of its records is reported under every such path.
+
+pyinotify adds and removes the watches; the records are read here, at most READ_LIMIT bytes
+(about a thousand records) per event-loop turn and decoded straight from the kernel's structs:
+pyinotify's own reader takes the whole queue in one turn and builds an object with a formatted
+string for every record, which under a storm of changes (tens of thousands of files created a
+second) left the loop no time for requests. What the kernel cannot queue meanwhile becomes an
+overflow, which drops everything cached and re-checks every observation: bounded work either
+way."""
 
 from __future__ import annotations
 
@@ -12,7 +20,9 @@ import errno
 import logging
 import os
 import re
+import struct
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -64,28 +74,11 @@ class Sink(Protocol):
         """A read from the kernel has been processed."""
 
 
-class _QuietPyinotify(logging.Filter):
-    """Drop pyinotify's records about situations this module expects and handles itself."""
-
-    _EXPECTED = (
-        # Events still queued in the kernel for a watch we have just removed.
-        "Unable to retrieve Watch object",
-        # IN_MOVE_SELF of a watched directory: we drop that watch, pyinotify's path is not used.
-        "has probably changed and couldn't be updated",
-    )
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(text in message for text in self._EXPECTED)
-
-
 def _route_pyinotify_logging() -> None:
     """pyinotify prints to stderr through its own handler; send its records through ours."""
     pyinotify_logger = logging.getLogger("pyinotify")
     for handler in list(pyinotify_logger.handlers):
         pyinotify_logger.removeHandler(handler)
-    if not any(isinstance(f, _QuietPyinotify) for f in pyinotify_logger.filters):
-        pyinotify_logger.addFilter(_QuietPyinotify())
 
 
 _route_pyinotify_logging()
@@ -99,22 +92,21 @@ def _add_watch_errno(error: pyinotify.WatchManagerError) -> int | None:
     return getattr(errno, match.group(1), None) if match else None
 
 
-def _overflow_record() -> pyinotify._RawEvent:
-    return pyinotify._RawEvent(-1, pyinotify.IN_Q_OVERFLOW, 0, "")
+#: Bytes of records read per event-loop turn.
+READ_LIMIT = 32 * 1024
+_RECORD = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
 
 
-class _AsyncioReader(pyinotify.AsyncioNotifier):
-    """pyinotify's asyncio notifier, surviving file names that are not UTF-8."""
-
-    def handle_read(self, *args: object, **kwargs: object) -> None:
-        try:
-            self.read_events()
-        except UnicodeDecodeError:
-            # pyinotify decodes names strictly; the records after such a name are lost.
-            self.append_event(_overflow_record())
-        self.process_events()
-        if self.handle_read_callback is not None:
-            self.handle_read_callback(self)
+def records(data: bytes) -> Iterator[tuple[int, int, str]]:
+    """(wd, mask, name) of each inotify_event in `data`; names that are not UTF-8 keep their
+    bytes as surrogates (they are never served, and no path of ours can name them)."""
+    offset = 0
+    while offset + _RECORD.size <= len(data):
+        wd, mask, _cookie, length = _RECORD.unpack_from(data, offset)
+        offset += _RECORD.size
+        raw = data[offset : offset + length].split(b"\0", 1)[0]
+        offset += length
+        yield wd, mask, raw.decode("utf-8", "surrogateescape")
 
 
 class Inotify:
@@ -122,27 +114,40 @@ class Inotify:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sink: Sink) -> None:
         self._sink = sink
+        self._loop = loop
         self._by_wd: dict[int, set[Path]] = {}
         self._manager = pyinotify.WatchManager()
+        self._fd = int(self._manager.get_fd())
         try:
-            self._reader = _AsyncioReader(
-                self._manager,
-                loop,
-                callback=lambda _reader: sink.read_done(),
-                default_proc_fun=self._process,
-            )
+            os.set_blocking(self._fd, False)
+            loop.add_reader(self._fd, self._read)
         except BaseException:
             self._manager.close()
             raise
 
     def fileno(self) -> int:
         """The inotify descriptor (its /proc/self/fdinfo lists the kernel's watches)."""
-        return int(self._manager.get_fd())
+        return self._fd
 
     def close(self) -> None:
         """Remove the reader and close the descriptor, ending every watch at once."""
-        self._reader.stop()
+        self._loop.remove_reader(self._fd)
+        self._manager.close()
         self._by_wd.clear()
+
+    def _read(self) -> None:
+        """One bounded read of the kernel's queue, its records processed, then the loop's turn."""
+        try:
+            data = os.read(self._fd, READ_LIMIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._sink.overflowed()  # cannot read on: assume everything changed
+            self._sink.read_done()
+            return
+        for wd, mask, name in records(data):
+            self._process(wd, mask, name)
+        self._sink.read_done()
 
     def add(self, path: Path) -> int | None:
         """Watch directory `path`: its watch descriptor, or None for a name pyinotify cannot
@@ -179,27 +184,24 @@ class Inotify:
     def simulate_overflow(self) -> None:
         """Test hook: an IN_Q_OVERFLOW record, through the path real kernel records take, and
         reported before this returns."""
-        self._reader.append_event(_overflow_record())
-        self._reader.process_events()
+        self._process(-1, pyinotify.IN_Q_OVERFLOW, "")
         self._sink.read_done()
 
-    def _process(self, event: pyinotify.Event) -> None:
-        """pyinotify's processing function: one kernel record to the sink."""
-        mask = event.mask
+    def _process(self, wd: int, mask: int, name: str) -> None:
+        """One kernel record to the sink."""
         if mask & pyinotify.IN_Q_OVERFLOW:
             self._sink.overflowed()
             return
-        directories = self._by_wd.get(event.wd)
+        directories = self._by_wd.get(wd)
         if not directories:
             return  # a record for a watch we have removed
         if mask & pyinotify.IN_IGNORED:
             # The kernel dropped the watch: the directory is gone or its filesystem unmounted.
-            del self._by_wd[event.wd]
+            del self._by_wd[wd]
             for directory in directories:
-                self._sink.lost(directory, event.wd)
+                self._sink.lost(directory, wd)
                 self._sink.changed(directory)
             return
-        name = event.name
         for directory in directories:
             if name and mask & (_LISTING_EVENTS | _ENTRY_EVENTS):
                 self._sink.changed(directory / name)
@@ -208,5 +210,5 @@ class Inotify:
         if mask & pyinotify.IN_MOVE_SELF:
             # The watch follows the moved inode, no longer the paths: poll the paths instead.
             for directory in list(directories):
-                self._sink.lost(directory, event.wd)
-                self.release(directory, event.wd)
+                self._sink.lost(directory, wd)
+                self.release(directory, wd)

@@ -49,6 +49,7 @@ and on change.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import logging
 import os
@@ -63,6 +64,12 @@ from .inotify import Inotify, WatchLimit
 from .poll import Poller, Snapshot, differences, snapshot
 
 logger = logging.getLogger("coapfs.watch")
+
+#: Reports pending at once beyond which a directory's many entries are folded into one report
+#: that everything in it is stale (a storm of creations costs one report per directory).
+FOLD_ABOVE = 256
+#: Entries of one directory pending at once that are worth folding.
+_FOLD_ENTRIES = 8
 
 
 class Watcher:
@@ -293,6 +300,22 @@ class Watcher:
             self._pending.pop(path, None)
             self._pending[path] = reset
 
+    def _fold(self) -> None:
+        """Replace the entries of crowded directories by one reset of each directory."""
+        per_directory = collections.Counter(
+            path.parent for path, reset in self._pending.items() if not reset
+        )
+        crowded = {d for d, n in per_directory.items() if n >= _FOLD_ENTRIES}
+        if not crowded:
+            return
+        folded = {
+            path: reset
+            for path, reset in self._pending.items()
+            if reset or (path.parent not in crowded and path not in crowded)
+        }
+        folded.update(dict.fromkeys(crowded, True))
+        self._pending = folded
+
     def _queue_differences(self, directory: Path, old: Snapshot, new: Snapshot) -> None:
         for path in differences(directory, old, new):
             self._queue(path)
@@ -304,6 +327,8 @@ class Watcher:
 
     def _flush(self) -> None:
         """Report pending paths, each once, to the consumer."""
+        if len(self._pending) > FOLD_ABOVE:
+            self._fold()
         while self._pending and not self._closed:
             path, reset = next(iter(self._pending.items()))
             del self._pending[path]
