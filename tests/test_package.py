@@ -345,7 +345,7 @@ def test_4c_every_fatal_reason_at_err(system: container.Container) -> None:
     has loopback only: the name lookup sends nothing anywhere.)"""
     cases = [
         ('["5683"]', "78", f'{LOCAL}: bind = ["5683"]: expected ":5683"'),
-        ('["no.such.host.invalid"]', "1", "coap-fileserver: cannot bind: Name resolution error"),
+        ('["no.such.host.invalid"]', "1", "coap-fileserver: cannot bind no.such.host.invalid: "),
         ('["192.0.2.1:5683"]', "1", "coap-fileserver: cannot bind 192.0.2.1:5683: "),
     ]
     try:

@@ -16,9 +16,11 @@ import sys
 from typing import Any
 
 from ..config import ConfigError
+from ..protocol.accesslog import FIELDS
 from ..transport import steering
 from . import journal
 from .control import Channel
+from .credentials import prepare_credentials
 from .endpoint import StartupError
 from .serving import Change, Role, Server
 
@@ -38,15 +40,22 @@ def _sockets(binds: list[Any], fds: list[int]) -> dict[Any, socket.socket]:
     }
 
 
-class _Prefix(logging.Filter):
-    """Every line of a worker says which it is."""
+class _Tag(logging.Filter):
+    """Every record of a worker says which it is: a WORKER field in the journal (the message
+    stays as a single process writes it), a `[worker N]` prefix on a terminal or in a file."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, in_journal: bool) -> None:
         super().__init__()
+        self.index = index
+        self.in_journal = in_journal
         self.prefix = f"[worker {index}] "
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith(self.prefix):
+        if self.in_journal:
+            fields = dict(getattr(record, FIELDS, None) or {})
+            fields["WORKER"] = self.index
+            setattr(record, FIELDS, fields)
+        elif not str(record.msg).startswith(self.prefix):
             record.msg = self.prefix + str(record.msg)
         return True
 
@@ -60,7 +69,8 @@ async def serve(channel: Channel) -> int:
     role = Role(start["index"], start["workers"])
     journal.setup(start["loaded"].config.verbosity)
     for handler in logging.getLogger().handlers:
-        handler.addFilter(_Prefix(role.index))
+        handler.addFilter(_Tag(role.index, isinstance(handler, journal.JournalHandler)))
+    prepare_credentials(None)  # aiocoap's OSCORE imports lakers, which Debian does not package
     steering.partition_message_ids(role.index, role.workers)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -4,7 +4,10 @@ once per `coalesce` seconds, so a burst of a thousand changes yields a handful o
 each rendered from the then-current state.
 
 Notifying is spread over event-loop turns, `FANOUT_BATCH` observers a turn, so that thousands
-of observers of one file do not hold up the requests arriving meanwhile."""
+of observers of one file do not hold up the requests arriving meanwhile. And a resource that is
+costly to render (the listing of a directory of tens of thousands of entries, changing all the
+time) is notified at most once per `COST_FACTOR` times its rendering time, so that rendering it
+for observers never takes more than a tenth of the server's time."""
 
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from ..tree.pathindex import PathIndex
 SETTLE = 0.005
 #: Observers notified per event-loop turn.
 FANOUT_BATCH = 32
+#: A resource is notified at most once per this many times its last rendering took.
+COST_FACTOR = 10
 
 
 class Observations:
@@ -25,6 +30,7 @@ class Observations:
         self.coalesce = coalesce
         self._by_key: PathIndex[set[Any]] = PathIndex()
         self._last_sent: dict[Key, float] = {}
+        self._cost: dict[Key, float] = {}  # seconds its last rendering for observers took
         self._scheduled: dict[Key, asyncio.TimerHandle] = {}
 
     def __len__(self) -> int:
@@ -45,9 +51,15 @@ class Observations:
         if not observers:
             self._by_key.pop(key)
             self._last_sent.pop(key, None)
+            self._cost.pop(key, None)
             handle = self._scheduled.pop(key, None)
             if handle is not None:
                 handle.cancel()
+
+    def rendered(self, key: Key, seconds: float) -> None:
+        """What rendering `key` for its observers took, last time."""
+        if key in self._by_key:
+            self._cost[key] = seconds
 
     def changed(self, key: Key, subtree: bool = False) -> None:
         """Something at `key` (or with `subtree`, at or beneath it) changed on disk."""
@@ -55,7 +67,8 @@ class Observations:
             if k not in self._by_key or k in self._scheduled:
                 continue
             loop = asyncio.get_running_loop()
-            due = max(loop.time() + SETTLE, self._last_sent.get(k, float("-inf")) + self.coalesce)
+            gap = max(self.coalesce, COST_FACTOR * self._cost.get(k, 0.0))
+            due = max(loop.time() + SETTLE, self._last_sent.get(k, float("-inf")) + gap)
             self._scheduled[k] = loop.call_at(due, self._notify, k)
 
     def _notify(self, key: Key) -> None:

@@ -265,6 +265,15 @@ class FileService(Resource, ObservableResource):
             )
         target = _target(request)
         self._authorize("read", target, request)
+        if request.opt.observe is not None:
+            started = time.perf_counter()
+            try:
+                return self._get(request, target)
+            finally:
+                self._observers.timing.rendered(target.segments, time.perf_counter() - started)
+        return self._get(request, target)
+
+    def _get(self, request: aiocoap.Message, target: Target) -> aiocoap.Message:
         length = self.service.etag_length
         with self.tree.lookup(target) as found:
             entry = found.entry

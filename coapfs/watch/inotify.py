@@ -5,7 +5,7 @@ One kernel watch per inode: every path leading to a watched directory (a symlink
 mount) shares it, and each of its records is reported under every such path.
 
 pyinotify adds and removes the watches; the records are read here, at most READ_LIMIT bytes
-(about a thousand records) per event-loop turn and decoded straight from the kernel's structs:
+(about 150 records) per event-loop turn and decoded straight from the kernel's structs:
 pyinotify's own reader takes the whole queue in one turn and builds an object with a formatted
 string for every record, which under a storm of changes (tens of thousands of files created a
 second) left the loop no time for requests. What the kernel cannot queue meanwhile becomes an
@@ -92,8 +92,9 @@ def _add_watch_errno(error: pyinotify.WatchManagerError) -> int | None:
     return getattr(errno, match.group(1), None) if match else None
 
 
-#: Bytes of records read per event-loop turn.
-READ_LIMIT = 32 * 1024
+#: Bytes of records read per event-loop turn (about 150 records): aiocoap takes one datagram a
+#: turn, so this keeps requests and change reports taking turns under any storm.
+READ_LIMIT = 4096
 _RECORD = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then the name
 
 
@@ -145,7 +146,11 @@ class Inotify:
             self._sink.overflowed()  # cannot read on: assume everything changed
             self._sink.read_done()
             return
+        # The same name in one read (a file renamed back and forth) is processed once.
+        merged: dict[tuple[int, str], int] = {}
         for wd, mask, name in records(data):
+            merged[wd, name] = merged.get((wd, name), 0) | mask
+        for (wd, name), mask in merged.items():
             self._process(wd, mask, name)
         self._sink.read_done()
 
