@@ -4,6 +4,7 @@ notified block-wise; and the cache never serves what a processed change made sta
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import time
@@ -168,3 +169,34 @@ def test_many_observers_on_one_file(client, server, root):
     for obs in observers:
         assert obs.wait_for(lambda m: m.payload == b"for everyone") is not None
         obs.cancel()
+
+
+def test_a_costly_resource_is_notified_at_most_once_per_ten_renderings() -> None:
+    """A listing that takes long to render (tens of thousands of entries) and changes all the
+    time is notified less often, so rendering it never takes more than a tenth of the time."""
+    from coapfs.protocol.observe import COST_FACTOR, Observations
+
+    class Observation:
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def trigger(self) -> None:
+            self.times.append(asyncio.get_running_loop().time())
+
+    async def scenario() -> list[float]:
+        observations = Observations(coalesce=0.01)
+        observer = Observation()
+        observations.add(("big",), observer)
+        observations.rendered(("big",), 0.02)  # 20 ms a rendering: at most one per 200 ms
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 1.0
+        while loop.time() < end:
+            observations.changed(("big",))
+            await asyncio.sleep(0.005)
+        observations.close()
+        return observer.times
+
+    times = asyncio.run(scenario())
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    assert 2 <= len(times) <= 6, times
+    assert min(gaps) >= COST_FACTOR * 0.02 - 0.005, gaps
