@@ -65,9 +65,10 @@ from .poll import Poller, Snapshot, differences, snapshot
 
 logger = logging.getLogger("coapfs.watch")
 
-#: Reports pending at once beyond which a directory's many entries are folded into one report
-#: that everything in it is stale (a storm of creations costs one report per directory).
-FOLD_ABOVE = 256
+#: Reports pending at once (a read of the kernel's queue holds about 150 records) beyond which a
+#: directory's many entries are folded into one report that everything in it is stale: a storm of
+#: creations costs a report per directory and read, not one per file.
+FOLD_ABOVE = 64
 #: Entries of one directory pending at once that are worth folding.
 _FOLD_ENTRIES = 8
 
