@@ -6,13 +6,15 @@ both. One volume and one pair of servers for the module (setup about 4 s).
 What must hold across replicas: equal ETags for one file state (also after a restart), a
 block-wise download that moves from A to B is whole (and a change meanwhile shows as a new
 ETag), Observe on B follows changes made through A within a few poll intervals, If-None-Match
-has exactly one winner when A and B race, and a server's sweep of abandoned upload spools spares
+and If-Match have exactly one winner when A and B race (and locking a file being replaced
+through the other mount never fails), and a server's sweep of abandoned upload spools spares
 another replica's upload in progress."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from aiocoap.numbers import codes
 from aiocoap.optiontypes import BlockOption
 
 from coapfs.tree.hidden import SPOOL_PREFIX
+from coapfs.tree.spool import locked_existing
 
 from support.client import Client
 from support.files import spool_files
@@ -334,3 +337,77 @@ def test_if_none_match_puts_through_a_and_b_have_one_winner(
         assert sorted(got) == [codes.CREATED, codes.PRECONDITION_FAILED], (i, got, diagnostics)
         assert content == payloads[got.index(codes.CREATED)], i
     assert spool_files(replicas.path(base)) == []
+
+
+@STAGINGS
+def test_if_match_puts_through_a_and_b_have_one_winner(
+    client: Client, replicas: Replicas, staged: bool
+) -> None:
+    """Rounds of PUTs through A and through B at once, both with If-Match carrying the file's
+    current ETag (the same on both): one 2.04, one 4.12, the file is the winner's."""
+    base = directory(replicas, f"replace-{'staged' if staged else 'at-once'}")
+    a, b = replicas.a, replicas.b
+    name = f"{base}/contested.bin"
+    assert client.put(a.uri(name), b"initial").code == codes.CREATED
+    size = 1500 if staged else 600
+    results = []
+    for i in range(ROUNDS):
+        etag = client.get(b.uri(name)).opt.etag
+        assert client.get(a.uri(name)).opt.etag == etag
+        payloads = [bytes([i, side]) * (size // 2) for side in (0, 1)]
+        responses = client.run(
+            put_both(
+                client.context,
+                [a.uri(name), b.uri(name)],
+                payloads,
+                staged=staged,
+                if_match=[etag],
+            )
+        )
+        got = [r.code for r in responses]
+        diagnostics = [r.payload[:100] for r in responses if not r.code.is_successful()]
+        results.append((got, diagnostics, replicas.path(name).read_bytes(), payloads))
+    for i, (got, diagnostics, content, payloads) in enumerate(results):
+        assert sorted(got) == [codes.CHANGED, codes.PRECONDITION_FAILED], (i, got, diagnostics)
+        assert content == payloads[got.index(codes.CHANGED)], i
+    assert spool_files(replicas.path(base)) == []
+
+
+def test_locking_a_file_that_the_other_mount_replaces_meanwhile(replicas: Replicas) -> None:
+    """What a commit through B does while A replaces the file under its lock: B waits, then
+    locks the file A put there. GlusterFS answers ENOENT or ESTALE for the replaced inode here
+    (from fstat, flock, even close), about once in 40 rounds; none may fail the commit."""
+    base = directory(replicas, "locking")
+    mounts = [replicas.volume.outside(m) / base for m in replicas.volume.mounts]
+    a, b = (os.open(m, os.O_RDONLY | os.O_DIRECTORY) for m in mounts)
+
+    def lock_through_b(waiting: threading.Event, locked: list) -> None:
+        waiting.wait()
+        try:
+            with locked_existing(b, "f") as st:
+                locked.append(st)
+        except OSError as e:
+            locked.append(e)
+
+    try:
+        (mounts[0] / "f").write_bytes(b"0")
+        results = []
+        for i in range(150):
+            (mounts[0] / f"{SPOOL_PREFIX}next").write_bytes(b"%d" % (i + 1))
+            waiting, locked = threading.Event(), []
+            thread = threading.Thread(target=lock_through_b, args=(waiting, locked))
+            thread.start()
+            with locked_existing(a, "f"):
+                waiting.set()
+                time.sleep(0.002)  # B is waiting for the lock
+                os.rename(f"{SPOOL_PREFIX}next", "f", src_dir_fd=a, dst_dir_fd=a)
+            thread.join()
+            # What B locked is what A put there (looked at through A: a look through B would
+            # refresh B's view, which the next round must find stale).
+            results.append((locked[0], os.stat("f", dir_fd=a).st_ino))
+        failures = [(i, got) for i, (got, _) in enumerate(results) if isinstance(got, OSError)]
+        assert failures == []
+        assert all(got.st_ino == ino for got, ino in results)
+    finally:
+        os.close(a)
+        os.close(b)
