@@ -219,6 +219,51 @@ def test_a_blockwise_download_started_on_a_is_finished_on_b(
     assert later.opt.etag == replaced.opt.etag != first.opt.etag
 
 
+@pytest.mark.parametrize("size", [1000, 100_000], ids=["kept whole", "read by block"])
+def test_b_serves_a_file_that_is_replaced_through_the_other_mount_meanwhile(
+    client: Client, replicas: Replicas, size: int
+) -> None:
+    """While the file is replaced through mount 1 again and again (as A commits a PUT: a spool
+    renamed over it), B answers every GET with one whole version: never 4.04 or 5.03 (GlusterFS
+    answers ENOENT or ESTALE for the replaced inode between finding the name and reading it),
+    and one ETag never stands for two contents."""
+    base = directory(replicas, f"replaced-{size}")
+    folder = replicas.path(base)
+    (folder / "hot.bin").write_bytes(bytes([0]) * size)
+    stop = threading.Event()
+    replaced = []
+
+    def replace_again_and_again() -> None:
+        version = 0
+        while not stop.is_set():
+            version += 1
+            spool = folder / f"{SPOOL_PREFIX}replacing"
+            spool.write_bytes(bytes([version % 256]) * size)
+            os.rename(spool, folder / "hot.bin")
+            replaced.append(version)
+
+    writer = threading.Thread(target=replace_again_and_again)
+    writer.start()
+    answers = []
+    try:
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            block2 = BlockOption.BlockwiseTuple(size // 2048, False, 6)
+            got = client.get(replicas.b.uri(f"{base}/hot.bin"), block2=block2)
+            answers.append((got.code, got.payload[:100], got.opt.etag, got.payload))
+    finally:
+        stop.set()
+        writer.join()
+    assert len(replaced) > 20, "the file was hardly replaced: the test proves little"
+    failed = [(code, diagnostic) for code, diagnostic, _, _ in answers if code != codes.CONTENT]
+    assert failed == [], f"{len(failed)} of {len(answers)} GETs failed"
+    contents: dict[bytes, set[bytes]] = {}
+    for _, _, etag, payload in answers:
+        assert len(set(payload)) == 1, "a block mixes two versions"
+        contents.setdefault(etag, set()).add(payload)
+    assert all(len(c) == 1 for c in contents.values()), "one ETag for two contents"
+
+
 # --- Observe ----------------------------------------------------------------------------------
 
 
