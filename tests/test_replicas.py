@@ -152,17 +152,20 @@ def test_a_restarted_replica_sweeps_stale_spools_but_not_an_upload_in_progress_e
 ) -> None:
     """At start-up a server removes upload spools left by interrupted writes once they are older
     than [upload] idle_timeout (60 s), on the shared volume too; another replica's upload in
-    progress (its spool just written) is left alone and completes."""
+    progress is left alone and completes, even where its spool looks as old (to a replica whose
+    clock runs ahead, or with a shorter idle_timeout): its writer holds a lock on it."""
     base = directory(replicas, "sweep")
+    two_minutes_ago = (time.time() - 120, time.time() - 120)
     stale = replicas.path(f"{base}/{SPOOL_PREFIX}left-by-a-crash")
     stale.write_bytes(b"half an upload")
-    os.utime(stale, (time.time() - 120, time.time() - 120))
+    os.utime(stale, two_minutes_ago)
     payload = os.urandom(3000)
     uri = replicas.a.uri(f"{base}/uploaded.bin")
     first = put_block(client, uri, payload, 0, if_none_match=True)
     assert first.code == codes.CONTINUE, first
     in_progress = [p for p in spool_files(replicas.path(base)) if p != stale]
     assert len(in_progress) == 1, spool_files(replicas.path(base))
+    os.utime(in_progress[0], two_minutes_ago)
 
     b = replicas.restart_b()
     wait_until(

@@ -4,7 +4,11 @@ or temporary name is ever visible, listed, served, or left behind by a crash or 
 
 Where the file system cannot make unnamed files (FUSE, some network file systems) the spool is a
 hidden `SPOOL_PREFIX` file beside the target, which `sweep` removes at start-up if a crash left
-it. Committing replaces the target under an exclusive lock (flock) on the file being replaced,
+it. Its writer holds a shared lock (flock) on it until it is committed or dropped, so that no
+sweep — of this server or of another one sharing the file system, whatever its clock or its
+idle_timeout — removes an upload in progress (a crashed writer's lock goes with it).
+
+Committing replaces the target under an exclusive lock (flock) on the file being replaced,
 taken before the preconditions are checked and held until the rename: two writers with the same
 If-Match never both win, within one server and across servers sharing the file system where it
 honours flock (GlusterFS does)."""
@@ -61,6 +65,11 @@ class Spool:
                 mode,
                 dir_fd=place.parent,
             )
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_SH)  # in use: see `write.spool_in_use`
+            except BaseException:
+                self.discard()
+                raise
 
     @property
     def open(self) -> bool:
@@ -104,6 +113,7 @@ class Spool:
             else:
                 self._replace()
             fsync_directory(parent)
+            _unlock(self._fd)  # no spool any more: the file at the name
             return os.fstat(self._fd), existing is None
 
     def _link_new(self, create_only: bool) -> None:
@@ -136,6 +146,11 @@ class Spool:
             os.link(f"/proc/self/fd/{self._fd}", name, dst_dir_fd=parent, follow_symlinks=True)
         else:
             os.link(self._name, name, src_dir_fd=parent, dst_dir_fd=parent, follow_symlinks=False)
+
+
+def _unlock(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def _kept_mode(existing: os.stat_result) -> int:
