@@ -193,7 +193,7 @@ def get_block(client: Client, server: Server, name: str, number: int) -> aiocoap
     return block
 
 
-@pytest.mark.parametrize("size", [20_000, 200_000], ids=["kept whole", "read by block"])
+@pytest.mark.parametrize("size", [20_000, 100_000], ids=["kept whole", "read by block"])
 def test_a_blockwise_download_started_on_a_is_finished_on_b(
     client: Client, replicas: Replicas, size: int
 ) -> None:
@@ -249,7 +249,7 @@ def test_b_serves_a_file_that_is_replaced_through_the_other_mount_meanwhile(
     writer.start()
     answers = []
     try:
-        deadline = time.monotonic() + 2
+        deadline = time.monotonic() + 1.5
         while time.monotonic() < deadline:
             block2 = BlockOption.BlockwiseTuple(size // 2048, False, 6)
             got = client.get(replicas.b.uri(f"{base}/hot.bin"), block2=block2)
