@@ -133,6 +133,9 @@ def test_a_file_put_through_a_is_served_by_b_with_the_same_etag(
         got = client.get(server.uri(f"{base}/f.txt"))
         assert (got.code, got.payload, got.opt.etag) == (codes.CONTENT, b"version 1", etag), server
     assert client.get(b.uri(f"{base}/f.txt"), etags=[etag]).code == codes.VALID
+    listings = [client.get(server.uri(f"{base}/")) for server in (a, b)]
+    assert listings[0].payload == listings[1].payload == f"</{base}/f.txt>".encode()
+    assert listings[0].opt.etag == listings[1].opt.etag is not None
 
     changed = client.put(b.uri(f"{base}/f.txt"), b"version 2")
     assert changed.code == codes.CHANGED and changed.opt.etag not in (None, etag), changed
