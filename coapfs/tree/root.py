@@ -11,15 +11,22 @@ Two mechanisms, chosen once per process:
 Opening happens in two steps: first O_PATH (no side effect even on a device node or FIFO), then,
 only for regular files and directories, a real non-blocking open whose inode is compared with the
 first, so a FIFO swapped in between can neither block the event loop nor be served.
+
+On a distributed file system an entry can be replaced through another mount between the two
+steps (or between opening and fstat): GlusterFS then answers ESTALE, or ENOENT from a descriptor
+just opened, for the replaced inode. Such an entry is looked up again (a few times), so a file
+being replaced elsewhere is served as one version or the other, never as missing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from ..syscalls import RESOLVE_BENEATH, RESOLVE_NO_MAGICLINKS, openat2
 
@@ -56,9 +63,22 @@ class Root:
     def stat(self, segments: Sequence[str], *, follow_links: bool = True) -> os.stat_result:
         """The entry's stat, from an O_PATH descriptor: no side effect even on a FIFO or device
         (symlinks followed only inside the root, and with `follow_links` only)."""
-        fd = self._open(segments, os.O_PATH if follow_links else os.O_PATH | os.O_NOFOLLOW)
+        flags = os.O_PATH if follow_links else os.O_PATH | os.O_NOFOLLOW
+        return _again(lambda: self._stat_once(segments, flags))
+
+    def _stat_once(self, segments: Sequence[str], flags: int) -> os.stat_result:
+        try:
+            fd = self._open(segments, flags)
+        except OSError as e:
+            if e.errno == errno.ESTALE:
+                raise _Replaced(e) from None
+            raise  # ENOENT from the lookup: nothing at the name
         try:
             return os.fstat(fd)
+        except OSError as e:
+            if e.errno in _REPLACED_MEANWHILE:
+                raise _Replaced(e) from None
+            raise
         finally:
             os.close(fd)
 
@@ -80,14 +100,28 @@ class Root:
     def open_for_reading(self, segments: Sequence[str]) -> tuple[int, os.stat_result]:
         """A readable descriptor on a regular file or directory and its stat; anything else
         (FIFO, socket, device) or a path leaving the root raises OSError."""
-        st = self.stat(segments)
+        return _again(lambda: self._open_for_reading_once(segments))
+
+    def _open_for_reading_once(self, segments: Sequence[str]) -> tuple[int, os.stat_result]:
+        st = self._stat_once(segments, os.O_PATH)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             raise OSError(errno.ENOENT, "Not a regular file or directory")
-        fd = self._open(segments, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
-        st2 = os.fstat(fd)
+        try:
+            fd = self._open(segments, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        except OSError as e:
+            if e.errno in _REPLACED_MEANWHILE:  # it was there a moment ago: look again
+                raise _Replaced(e) from None
+            raise
+        try:
+            st2 = os.fstat(fd)
+        except OSError as e:
+            _close_quietly(fd)
+            if e.errno in _REPLACED_MEANWHILE:
+                raise _Replaced(e) from None
+            raise
         if (st2.st_ino, st2.st_dev) != (st.st_ino, st.st_dev):
-            os.close(fd)
-            raise OSError(errno.ENOENT, "Entry changed while opening it")
+            _close_quietly(fd)
+            raise _Replaced(OSError(errno.ENOENT, "Entry changed while opening it"))
         return fd, st2
 
     def open_parent(self, segments: Sequence[str]) -> int:
@@ -118,3 +152,38 @@ class Root:
 
 
 _HAS_OPENAT2 = _probe_openat2()
+
+#: What an entry replaced meanwhile answers (see the module's docstring).
+_REPLACED_MEANWHILE = (errno.ENOENT, errno.ESTALE)
+#: Looks at an entry that keeps being replaced before its last error is raised.
+_ATTEMPTS = 5
+
+T = TypeVar("T")
+
+
+class _Replaced(Exception):
+    """The entry was replaced while it was being opened; `error` is what the system said."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+def _again(attempt: Callable[[], T]) -> T:
+    """`attempt()`, repeated while the entry it opens is replaced meanwhile (at most
+    _ATTEMPTS times; then the last error is raised)."""
+    for _ in range(_ATTEMPTS - 1):
+        try:
+            return attempt()
+        except _Replaced:
+            continue
+    try:
+        return attempt()
+    except _Replaced as e:
+        raise e.error from None
+
+
+def _close_quietly(fd: int) -> None:
+    """Close a descriptor only read from, which close(2) frees even when it reports an error."""
+    with contextlib.suppress(OSError):
+        os.close(fd)

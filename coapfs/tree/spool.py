@@ -4,7 +4,11 @@ or temporary name is ever visible, listed, served, or left behind by a crash or 
 
 Where the file system cannot make unnamed files (FUSE, some network file systems) the spool is a
 hidden `SPOOL_PREFIX` file beside the target, which `sweep` removes at start-up if a crash left
-it. Committing replaces the target under an exclusive lock (flock) on the file being replaced,
+it. Its writer holds a shared lock (flock) on it until it is committed or dropped, so that no
+sweep — of this server or of another one sharing the file system, whatever its clock or its
+idle_timeout — removes an upload in progress (a crashed writer's lock goes with it).
+
+Committing replaces the target under an exclusive lock (flock) on the file being replaced,
 taken before the preconditions are checked and held until the rename: two writers with the same
 If-Match never both win, within one server and across servers sharing the file system where it
 honours flock (GlusterFS does)."""
@@ -61,6 +65,11 @@ class Spool:
                 mode,
                 dir_fd=place.parent,
             )
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_SH)  # in use: see `write.spool_in_use`
+            except BaseException:
+                self.discard()
+                raise
 
     @property
     def open(self) -> bool:
@@ -95,7 +104,7 @@ class Spool:
         if content_format is not None:
             store_content_format(self._fd, content_format)
         parent, name = self.place.parent, self.place.name
-        with _locked_existing(parent, name) as existing:
+        with locked_existing(parent, name) as existing:
             check(existing)
             if existing is not None:
                 os.fchmod(self._fd, _kept_mode(existing))
@@ -104,6 +113,7 @@ class Spool:
             else:
                 self._replace()
             fsync_directory(parent)
+            _unlock(self._fd)  # no spool any more: the file at the name
             return os.fstat(self._fd), existing is None
 
     def _link_new(self, create_only: bool) -> None:
@@ -138,16 +148,30 @@ class Spool:
             os.link(self._name, name, src_dir_fd=parent, dst_dir_fd=parent, follow_symlinks=False)
 
 
+def _unlock(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
 def _kept_mode(existing: os.stat_result) -> int:
     """A replaced file's permission bits, never setuid, setgid or sticky: new content must not
     inherit privileges granted to the old."""
     return stat.S_IMODE(existing.st_mode) & 0o777
 
 
+#: What a file being replaced through another mount of a distributed file system can answer on
+#: GlusterFS (FUSE) for the moment between finding it and using it: the inode is gone (ENOENT
+#: from fstat, flock or even close on a descriptor opened a moment before), or its handle is
+#: (ESTALE). Either means "replaced meanwhile": look at the name again.
+_REPLACED_MEANWHILE = (errno.ENOENT, errno.ESTALE)
+
+
 @contextlib.contextmanager
-def _locked_existing(parent: int, name: str):  # type: ignore[no-untyped-def]
-    """The regular file at `name` (its stat), exclusively locked until the block ends; None if
-    there is none. Symbolic links and directories at the name are refused."""
+def locked_existing(parent: int, name: str):  # type: ignore[no-untyped-def]
+    """The regular file at `name` (its stat), exclusively locked (flock) until the block ends;
+    None if there is none. Symbolic links and directories at the name are refused. A file
+    replaced while we waited for its lock, here or through another mount, is let go and the one
+    now at the name locked instead."""
     for _attempt in range(20):
         try:
             lst = os.stat(name, dir_fd=parent, follow_symlinks=False)
@@ -155,27 +179,51 @@ def _locked_existing(parent: int, name: str):  # type: ignore[no-untyped-def]
             yield None
             return
         _refuse_non_file(lst)
-        try:
-            fd = os.open(
-                name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=parent
-            )
-        except FileNotFoundError:
+        locked = _lock(parent, name)
+        if locked is None:
             continue
+        fd, st = locked
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            st = os.fstat(fd)
-            try:
-                now = os.stat(name, dir_fd=parent, follow_symlinks=False)
-            except FileNotFoundError:
-                continue
-            if (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev):
-                continue  # replaced while we waited for the lock: lock the new one
             _refuse_non_file(st)
             yield st
             return
         finally:
-            os.close(fd)
+            _close_lock(fd)
     raise OSError(errno.EBUSY, "The file keeps changing")
+
+
+def _lock(parent: int, name: str) -> tuple[int, os.stat_result] | None:
+    """The file at `name` opened and exclusively locked, with its stat; None if it was removed
+    or replaced before it was locked."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, dir_fd=parent)
+    except OSError as e:
+        if e.errno in _REPLACED_MEANWHILE:
+            return None
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        st = os.fstat(fd)
+        now = os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except OSError as e:
+        _close_lock(fd)
+        if e.errno in _REPLACED_MEANWHILE:
+            return None
+        raise
+    if (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev):
+        _close_lock(fd)
+        return None
+    return fd, st
+
+
+def _close_lock(fd: int) -> None:
+    """Close a descriptor that was opened only to lock (nothing written through it), releasing
+    the lock. close(2) frees the descriptor even when it reports an error, as GlusterFS does
+    (ENOENT, from FUSE's flush) for a file replaced through another mount meanwhile: there is
+    nothing to lose, so no error here may fail a write that is done, or a check still to come."""
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 def _refuse_non_file(st: os.stat_result) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import pwd
@@ -131,7 +132,8 @@ def _remove_tree(parent: int, name: str) -> None:
 def sweep(root: Root, older_than: float) -> int:
     """Remove what interrupted writes left beneath the root: named spools and renamed-away
     directories not touched for `older_than` seconds (younger ones may belong to a write in
-    progress, by this or another server on the same files). How many were removed."""
+    progress, by this or another server on the same files), and of the spools only those no
+    writer holds locked (`spool_in_use`). How many were removed."""
     removed = 0
     cutoff = time.time() - older_than
     for _directory, dirnames, filenames, dirfd in os.fwalk(".", dir_fd=root.fd):
@@ -144,11 +146,34 @@ def sweep(root: Root, older_than: float) -> int:
                     continue
                 if stat.S_ISDIR(st.st_mode):
                     _remove_tree(dirfd, name)
+                elif name.startswith(SPOOL_PREFIX) and spool_in_use(dirfd, name):
+                    continue
                 else:
                     os.unlink(name, dir_fd=dirfd)
                 removed += 1
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
     return removed
+
+
+def spool_in_use(parent: int, name: str) -> bool:
+    """Whether the spool file `name` belongs to an upload in progress, by this or another server
+    sharing the file system: its writer holds a lock on it (`spool.Spool`). False also when it is
+    gone, or cannot be opened (the unlink will tell)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, dir_fd=parent)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):  # only read: close(2) frees it whatever it says
+            os.close(fd)
+    return False
 
 
 def unwritable_reason(root: Root) -> str | None:

@@ -15,4 +15,7 @@
 - `inprocess`: a server in the test's own process, whose state can be read on its loop.
 - `raw`: a server spoken to with hand-made datagrams (the benchmark's CoAP codec).
 - `system`: the booted Debian 13 container with the package installed, for the system tests.
+- `namespace`: a network and mount namespace of the test's own, whose keeper runs commands in it
+  and kills what they started.
+- `gluster`: a real GlusterFS replica-2 volume in such a namespace, mounted twice with FUSE.
 """
