@@ -176,6 +176,47 @@ def test_concurrent_if_match_puts_with_the_same_etag_have_one_winner(
     assert not spool_files(root)
 
 
+def test_a_delete_and_a_put_with_the_same_etag_have_one_winner(server: Server, root: Path) -> None:
+    """30 rounds: a DELETE and a PUT at once, both with If-Match carrying the file's current ETag:
+    either the DELETE wins (2.02; the PUT finds nothing: 4.12) or the PUT (2.04; the DELETE
+    finds another ETag: 4.12), never both."""
+    name = "delete-or-replace.bin"
+    uri = server.uri(name)
+    client = Client()
+
+    async def rounds() -> list[tuple[list[aiocoap.numbers.Code], bytes | None]]:
+        other = await aiocoap.Context.create_client_context()
+        results = []
+        try:
+            for i in range(30):
+                (root / name).write_bytes(b"round %d" % i)
+                get = aiocoap.Message(code=aiocoap.GET, uri=uri)
+                etag = (await client.context.request(get).response).opt.etag
+                delete = aiocoap.Message(code=aiocoap.DELETE, uri=uri, if_match=[etag])
+                put = aiocoap.Message(code=aiocoap.PUT, uri=uri, payload=b"new", if_match=[etag])
+                responses = await asyncio.gather(
+                    client.context.request(delete).response, other.request(put).response
+                )
+                path = root / name
+                results.append(
+                    ([r.code for r in responses], path.read_bytes() if path.exists() else None)
+                )
+        finally:
+            await other.shutdown()
+        return results
+
+    try:
+        results = client.run(rounds(), timeout=300)
+    finally:
+        client.close()
+    for i, (got, content) in enumerate(results):
+        assert got in (
+            [codes.DELETED, codes.PRECONDITION_FAILED],
+            [codes.PRECONDITION_FAILED, codes.CHANGED],
+        ), (i, got)
+        assert content == (None if got[0] == codes.DELETED else b"new"), (i, got, content)
+
+
 # --- kill -9 in the middle of an upload -------------------------------------------------------
 
 #: A (user and) mount namespace of the server's own without /proc: an unnamed (O_TMPFILE)

@@ -13,7 +13,7 @@ from ..config.schema import ServiceConfig
 from ..tree.etag import etag_from_stat
 from ..tree.path import Target
 from ..tree.served import ServedTree
-from ..tree.spool import NameTaken, Spool
+from ..tree.spool import Check, NameTaken, Spool
 from ..tree.write import NotEmpty, Place
 from . import accesslog, errors
 from .options import check_conditions
@@ -58,16 +58,11 @@ async def put_file(
     if spool is None:
         return aiocoap.Message(code=codes.CONTINUE, block1=request.opt.block1)
     length = service.etag_length
-
-    def check(existing: Any) -> None:
-        etag = None if existing is None else etag_from_stat(existing, length)
-        check_conditions(request, etag, exists=existing is not None)
-
     stored = request.opt.content_format
     try:
         st, created = await tree.commit(
             spool,
-            check,
+            _conditions(request, length),
             create_only=bool(request.opt.if_none_match),
             content_format=int(stored) if stored is not None else None,
         )
@@ -78,6 +73,16 @@ async def put_file(
     response = aiocoap.Message(code=codes.CREATED if created else codes.CHANGED, etag=etag)
     response.opt.block1 = request.opt.block1
     return response
+
+
+def _conditions(request: aiocoap.Message, etag_length: int) -> Check:
+    """If-Match and If-None-Match as a check of what is at the name (None: nothing)."""
+
+    def check(existing: Any) -> None:
+        etag = None if existing is None else etag_from_stat(existing, etag_length)
+        check_conditions(request, etag, exists=existing is not None)
+
+    return check
 
 
 def put_directory(
@@ -105,9 +110,10 @@ def put_directory(
 def delete_file(
     tree: ServedTree, service: ServiceConfig, request: aiocoap.Message, target: Target
 ) -> None:
+    """DELETE of a file: the preconditions checked now, and again under the writers' lock."""
     place = checked_place(tree, service, request, target)
     try:
-        tree.delete_file(place)
+        tree.delete_file(place, _conditions(request, service.etag_length))
     finally:
         place.close()
     accesslog.log_change(request, "deleted", None, None)

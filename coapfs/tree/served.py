@@ -332,8 +332,8 @@ class ServedTree:
         self._changed_here(spool.place.target.segments)
         return result
 
-    def delete_file(self, place: write.Place) -> None:
-        write.delete_file(place)
+    def delete_file(self, place: write.Place, check: Check) -> None:
+        write.delete_file(place, check)
         self._changed_here(place.target.segments)
 
     def make_directory(self, place: write.Place, mode: int) -> os.stat_result:

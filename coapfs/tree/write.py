@@ -17,9 +17,11 @@ import shutil
 import stat
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .hidden import SPOOL_PREFIX, TRASH_PREFIX
+from .locks import locked_existing
 from .path import Target
 from .problems import Conflict, Forbidden, NotAFile, NotFound
 from .root import Root
@@ -85,10 +87,15 @@ def fsync_directory(fd: int) -> None:
             raise
 
 
-def delete_file(place: Place) -> None:
-    if place.existing is None:
-        raise NotFound()
-    os.unlink(place.name, dir_fd=place.parent)
+def delete_file(place: Place, check: Callable[[os.stat_result | None], None]) -> None:
+    """Unlink the file at the place once `check` (the preconditions) passed for it, under the
+    lock writers take (`locks`): a PUT replacing it meanwhile is either before (and `check` sees
+    the new file) or after (and finds nothing)."""
+    with locked_existing(place.parent, place.name) as existing:
+        if existing is None:
+            raise NotFound()
+        check(existing)
+        os.unlink(place.name, dir_fd=place.parent)
 
 
 def make_directory(place: Place, mode: int) -> os.stat_result:
