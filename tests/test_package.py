@@ -200,6 +200,25 @@ def active_with_pid(system: container.Container) -> int:
     return pid
 
 
+def oscore_contexts(
+    system: container.Container, name: str, ids: tuple[str, str], secret: str
+) -> tuple[str, str]:
+    """An OSCORE security context pair: the server's in its StateDirectory (owned by the
+    service, the only place the sandbox lets it write), the client's in /root. `ids` are the
+    server's and the client's sender IDs (hex)."""
+    server_ctx, client_ctx = f"{STATE}/{name}-server", f"/root/{name}-client"
+    server_id, client_id = ids
+    for path, sender, recipient in (
+        (server_ctx, server_id, client_id),
+        (client_ctx, client_id, server_id),
+    ):
+        settings = {"sender-id_hex": sender, "recipient-id_hex": recipient, "secret_ascii": secret}
+        system.run(["mkdir", "-p", path])
+        system.path(f"{path}/settings.json").write_text(json.dumps(settings))
+    system.run(["chown", "-R", "coap-fileserver:coap-fileserver", server_ctx])
+    return server_ctx, client_ctx
+
+
 # --- the steps -----------------------------------------------------------------------------------
 
 
@@ -246,13 +265,7 @@ def test_2_coap_client_fetches_a_file_from_the_root(system: container.Container)
 def test_2b_oscore_protected_get(system: container.Container) -> None:
     """OSCORE from Debian's packages alone (no lakers-python): the server's security context lives
     in its StateDirectory, the only place the sandbox lets it write."""
-    server_ctx, client_ctx = f"{STATE}/oscore-server", "/root/oscore-client"
-    secret = "package test secret"
-    for path, sender, recipient in ((server_ctx, "73", "63"), (client_ctx, "63", "73")):
-        settings = {"sender-id_hex": sender, "recipient-id_hex": recipient, "secret_ascii": secret}
-        system.run(["mkdir", "-p", path])
-        system.path(f"{path}/settings.json").write_text(json.dumps(settings))
-    system.run(["chown", "-R", "coap-fileserver:coap-fileserver", server_ctx])
+    server_ctx, client_ctx = oscore_contexts(system, "oscore", ("73", "63"), "package test secret")
     server_credentials = {"coap://*": {"oscore": {"contextfile": server_ctx + "/"}}}
     system.path(f"{STATE}/credentials.json").write_text(json.dumps(server_credentials))
     system.run(["mkdir", "-p", CONFIG_DIR])
@@ -568,13 +581,7 @@ def test_6b_access_log_fields_in_the_journal(system: container.Container) -> Non
 def test_6d_writes_by_an_oscore_identity_only(system: container.Container) -> None:
     """Issue 9: an [[access]] rule lets only the OSCORE identity ":uploader" write; its PUT is
     2.01 and logged with the identity, an unauthenticated PUT is 4.01 and writes nothing."""
-    server_ctx, client_ctx = f"{STATE}/oscore-uploader", "/root/oscore-uploader"
-    secret = "the uploader's secret"
-    for path, sender, recipient in ((server_ctx, "75", "55"), (client_ctx, "55", "75")):
-        settings = {"sender-id_hex": sender, "recipient-id_hex": recipient, "secret_ascii": secret}
-        system.run(["mkdir", "-p", path])
-        system.path(f"{path}/settings.json").write_text(json.dumps(settings))
-    system.run(["chown", "-R", "coap-fileserver:coap-fileserver", server_ctx])
+    server_ctx, client_ctx = oscore_contexts(system, "uploader", ("75", "55"), "uploader's secret")
     server_credentials = {":uploader": {"oscore": {"contextfile": server_ctx + "/"}}}
     system.path(f"{STATE}/uploader.json").write_text(json.dumps(server_credentials))
     dropin = f"{CONFIG_DIR}/access.toml"
