@@ -135,6 +135,12 @@ class Deduplication:
 
     def _store_response(self, message: Message) -> None:
         key = (message.remote, message.mid)
+        if message.mtype is CON:
+            # A message of ours (a separate response, a notification) under its own Message ID:
+            # aiocoap would keep it where a request of the peer's with that ID happened to be
+            # (the two ID spaces are apart) and answer that request's retransmission with it,
+            # tripping over its own assertion (a CON is sent only with a monitor): never.
+            return
         if self._in_flight.pop(key, None) is not None:
             dict.pop(self._store, key, None)  # answered: a later duplicate is rendered again
             return
