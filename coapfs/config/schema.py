@@ -1,5 +1,5 @@
 """The configuration schema: frozen dataclasses that are the TOML file's tables, every field
-carrying a `Key` (parser + one line of help) in its metadata; a field whose type is another
+carrying a `Setting` (parser + one line of help) in its metadata; a field whose type is another
 dataclass is a TOML table. To add a table, write a dataclass and add it as a field of `Config`.
 
 Parsers turn a raw TOML value into its typed value or raise `Invalid` saying what was expected;
@@ -42,7 +42,7 @@ Parser = Callable[[Any], Any]
 
 
 @dataclass(frozen=True)
-class Key:
+class Setting:
     """Schema of one key: how to check and convert a TOML value, and what it is for."""
 
     parse: Parser
@@ -51,7 +51,7 @@ class Key:
 
 def key(default: Any, parse: Parser, help: str) -> Any:
     """A dataclass field that is also a configuration key."""
-    return field(default=default, metadata={"key": Key(parse, help)})
+    return field(default=default, metadata={"key": Setting(parse, help)})
 
 
 def table(cls: type, help: str) -> Any:
