@@ -15,28 +15,6 @@ from ..tree import problems
 log = logging.getLogger("coapfs")
 
 
-class BadPath(aiocoap.error.BadRequest):
-    """The Uri-Path is malformed (empty segment, `.`, `..`, `/` or NUL in a segment)."""
-
-    message = "Malformed path"
-
-
-class NotADirectory(aiocoap.error.BadRequest):
-    message = problems.NotADirectory.message
-
-
-class NotAFile(aiocoap.error.BadRequest):
-    message = problems.NotAFile.message
-
-
-class NotFound(aiocoap.error.NotFound):
-    message = "Not found"
-
-
-class Forbidden(aiocoap.error.Forbidden):
-    message = "Forbidden"
-
-
 class ReadOnly(aiocoap.error.MethodNotAllowed):
     message = "This server is read-only"
 
@@ -51,10 +29,6 @@ class Refused(aiocoap.error.Forbidden):
     """4.03 from the access rules: said the same whether or not the path exists."""
 
     message = "Not allowed for you"
-
-
-class Conflict(aiocoap.error.Conflict):
-    message = problems.Conflict.message
 
 
 class Busy(aiocoap.error.ConstructionRenderableError):
@@ -125,17 +99,17 @@ class Unavailable(aiocoap.error.ConstructionRenderableError):
 
 
 _BY_ERRNO: dict[int, tuple[type[aiocoap.error.ConstructionRenderableError], str]] = {
-    errno.ENOENT: (NotFound, "Not found"),
-    errno.ENOTDIR: (NotFound, "Not found (a path component is not a directory)"),
-    errno.EISDIR: (NotAFile, "Is a directory (add a trailing slash)"),
-    errno.ELOOP: (Forbidden, "Symbolic links are not followed here"),
-    errno.EXDEV: (Forbidden, "Path leads outside the served directory"),
-    errno.EACCES: (Forbidden, "Permission denied"),
-    errno.EPERM: (Forbidden, "Operation not permitted"),
-    errno.EROFS: (Forbidden, "Read-only file system"),
-    errno.ENAMETOOLONG: (BadPath, "Name too long"),
-    errno.EINVAL: (BadPath, "Invalid name"),
-    errno.EILSEQ: (BadPath, "Invalid name"),
+    errno.ENOENT: (aiocoap.error.NotFound, problems.NotFound.message),
+    errno.ENOTDIR: (aiocoap.error.NotFound, "Not found (a path component is not a directory)"),
+    errno.EISDIR: (aiocoap.error.BadRequest, problems.NotAFile.message),
+    errno.ELOOP: (aiocoap.error.Forbidden, "Symbolic links are not followed here"),
+    errno.EXDEV: (aiocoap.error.Forbidden, "Path leads outside the served directory"),
+    errno.EACCES: (aiocoap.error.Forbidden, "Permission denied"),
+    errno.EPERM: (aiocoap.error.Forbidden, "Operation not permitted"),
+    errno.EROFS: (aiocoap.error.Forbidden, "Read-only file system"),
+    errno.ENAMETOOLONG: (aiocoap.error.BadRequest, "Name too long"),
+    errno.EINVAL: (aiocoap.error.BadRequest, "Invalid name"),
+    errno.EILSEQ: (aiocoap.error.BadRequest, "Invalid name"),
     errno.ENOSPC: (Unavailable, "No space left on the server"),
     errno.EDQUOT: (Unavailable, "Disk quota exceeded on the server"),
     errno.EMFILE: (Unavailable, "Server is out of file descriptors, retry later"),
@@ -148,12 +122,12 @@ _BY_ERRNO: dict[int, tuple[type[aiocoap.error.ConstructionRenderableError], str]
 
 
 _BY_PROBLEM: dict[type[problems.Problem], type[aiocoap.error.ConstructionRenderableError]] = {
-    problems.BadPath: BadPath,
-    problems.NotFound: NotFound,
-    problems.NotAFile: NotAFile,
-    problems.NotADirectory: NotADirectory,
-    problems.Forbidden: Forbidden,
-    problems.Conflict: Conflict,
+    problems.BadPath: aiocoap.error.BadRequest,
+    problems.NotFound: aiocoap.error.NotFound,
+    problems.NotAFile: aiocoap.error.BadRequest,
+    problems.NotADirectory: aiocoap.error.BadRequest,
+    problems.Forbidden: aiocoap.error.Forbidden,
+    problems.Conflict: aiocoap.error.Conflict,
 }
 
 
@@ -163,7 +137,7 @@ def from_problem(e: problems.Problem) -> aiocoap.error.ConstructionRenderableErr
         renderable = _BY_PROBLEM.get(cls)
         if renderable is not None:
             return renderable(str(e))
-    return BadPath(str(e))
+    return aiocoap.error.BadRequest(str(e))
 
 
 def from_oserror(e: OSError) -> aiocoap.error.ConstructionRenderableError:

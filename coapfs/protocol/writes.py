@@ -10,6 +10,7 @@ import aiocoap
 from aiocoap.numbers import codes
 
 from ..config.schema import ServiceConfig
+from ..tree import problems
 from ..tree.etag import etag_from_stat
 from ..tree.path import Target
 from ..tree.served import ServedTree
@@ -99,7 +100,7 @@ def put_directory(
             except FileExistsError:
                 if request.opt.if_none_match:
                     raise errors.PreconditionFailed("It exists (If-None-Match)") from None
-                raise errors.Conflict("Something appeared at that name meanwhile") from None
+                raise problems.Conflict("Something appeared at that name meanwhile") from None
             code = codes.CREATED
             accesslog.log_change(request, "directory created", None, None)
     finally:
@@ -131,7 +132,7 @@ async def delete_directory(
     place = checked_place(tree, service, request, target)
     try:
         if place.existing is None:
-            raise errors.NotFound()
+            raise problems.NotFound()
         try:
             await tree.delete_directory(place, only_if_empty=only_if_empty)
         except NotEmpty:

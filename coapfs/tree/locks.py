@@ -12,12 +12,7 @@ import stat
 from collections.abc import Iterator
 
 from .problems import Forbidden, NotAFile
-
-#: What a file being replaced through another mount of a distributed file system can answer on
-#: GlusterFS (FUSE) for the moment between finding it and using it: the inode is gone (ENOENT
-#: from fstat, flock or even close on a descriptor opened a moment before), or its handle is
-#: (ESTALE). Either means "replaced meanwhile": look at the name again.
-_REPLACED_MEANWHILE = (errno.ENOENT, errno.ESTALE)
+from .root import REPLACED_MEANWHILE, close_quietly
 
 
 @contextlib.contextmanager
@@ -42,7 +37,7 @@ def locked_existing(parent: int, name: str) -> Iterator[os.stat_result | None]:
             yield st
             return
         finally:
-            _close_lock(fd)
+            close_quietly(fd)
     raise OSError(errno.EBUSY, "The file keeps changing")
 
 
@@ -53,7 +48,7 @@ def _lock(parent: int, name: str) -> tuple[int, os.stat_result] | None:
     try:
         fd = os.open(name, flags, dir_fd=parent)
     except OSError as e:
-        if e.errno in _REPLACED_MEANWHILE:
+        if e.errno in REPLACED_MEANWHILE:
             return None
         raise
     try:
@@ -61,27 +56,18 @@ def _lock(parent: int, name: str) -> tuple[int, os.stat_result] | None:
         st = os.fstat(fd)
         now = os.stat(name, dir_fd=parent, follow_symlinks=False)
     except OSError as e:
-        _close_lock(fd)
-        if e.errno in _REPLACED_MEANWHILE:
+        close_quietly(fd)
+        if e.errno in REPLACED_MEANWHILE:
             return None
         raise
     if (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev):
-        _close_lock(fd)
+        close_quietly(fd)
         return None
     return fd, st
 
 
-def _close_lock(fd: int) -> None:
-    """Close a descriptor that was opened only to lock (nothing written through it), releasing
-    the lock. close(2) frees the descriptor even when it reports an error, as GlusterFS does
-    (ENOENT, from FUSE's flush) for a file replaced through another mount meanwhile: there is
-    nothing to lose, so no error here may fail a write that is done, or a check still to come."""
-    with contextlib.suppress(OSError):
-        os.close(fd)
-
-
 def _refuse_non_file(st: os.stat_result) -> None:
     if stat.S_ISDIR(st.st_mode):
-        raise NotAFile("Is a directory (add a trailing slash)")
+        raise NotAFile()
     if not stat.S_ISREG(st.st_mode):
         raise Forbidden("Only regular files can be written or deleted")

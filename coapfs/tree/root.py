@@ -76,7 +76,7 @@ class Root:
         try:
             return os.fstat(fd)
         except OSError as e:
-            if e.errno in _REPLACED_MEANWHILE:
+            if e.errno in REPLACED_MEANWHILE:
                 raise _Replaced(e) from None
             raise
         finally:
@@ -109,18 +109,18 @@ class Root:
         try:
             fd = self._open(segments, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
         except OSError as e:
-            if e.errno in _REPLACED_MEANWHILE:  # it was there a moment ago: look again
+            if e.errno in REPLACED_MEANWHILE:  # it was there a moment ago: look again
                 raise _Replaced(e) from None
             raise
         try:
             st2 = os.fstat(fd)
         except OSError as e:
-            _close_quietly(fd)
-            if e.errno in _REPLACED_MEANWHILE:
+            close_quietly(fd)
+            if e.errno in REPLACED_MEANWHILE:
                 raise _Replaced(e) from None
             raise
         if (st2.st_ino, st2.st_dev) != (st.st_ino, st.st_dev):
-            _close_quietly(fd)
+            close_quietly(fd)
             raise _Replaced(OSError(errno.ENOENT, "Entry changed while opening it"))
         return fd, st2
 
@@ -153,8 +153,9 @@ class Root:
 
 _HAS_OPENAT2 = _probe_openat2()
 
-#: What an entry replaced meanwhile answers (see the module's docstring).
-_REPLACED_MEANWHILE = (errno.ENOENT, errno.ESTALE)
+#: What an entry replaced meanwhile through another mount answers (GlusterFS): ESTALE, or ENOENT
+#: from a descriptor opened a moment before (fstat, flock, even close). Look at the name again.
+REPLACED_MEANWHILE = (errno.ENOENT, errno.ESTALE)
 #: Looks at an entry that keeps being replaced before its last error is raised.
 _ATTEMPTS = 5
 
@@ -183,7 +184,10 @@ def _again(attempt: Callable[[], T]) -> T:
         raise e.error from None
 
 
-def _close_quietly(fd: int) -> None:
-    """Close a descriptor only read from, which close(2) frees even when it reports an error."""
+def close_quietly(fd: int) -> None:
+    """Close a descriptor only read from (or opened only to lock), which close(2) frees even
+    when it reports an error, as GlusterFS does (ENOENT, from FUSE's flush) for a file replaced
+    through another mount meanwhile: there is nothing to lose, so no error here may fail a
+    write that is done, or a check still to come."""
     with contextlib.suppress(OSError):
         os.close(fd)

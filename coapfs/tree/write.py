@@ -24,7 +24,7 @@ from .hidden import SPOOL_PREFIX, TRASH_PREFIX
 from .locks import locked_existing
 from .path import Target
 from .problems import Conflict, Forbidden, NotAFile, NotFound
-from .root import Root
+from .root import Root, close_quietly
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def open_place(root: Root, target: Target) -> Place:
         except FileNotFoundError:
             return Place(target, parent, None)
         if stat.S_ISDIR(lst.st_mode) and not target.is_dir_request:
-            raise NotAFile("Is a directory (add a trailing slash)")
+            raise NotAFile()
         if stat.S_ISREG(lst.st_mode) and target.is_dir_request:
             raise Conflict("A file of that name exists (strip the trailing slash to write it)")
         if not (stat.S_ISREG(lst.st_mode) or stat.S_ISDIR(lst.st_mode)):
@@ -178,8 +178,7 @@ def spool_in_use(parent: int, name: str) -> bool:
     except OSError:
         return False
     finally:
-        with contextlib.suppress(OSError):  # only read: close(2) frees it whatever it says
-            os.close(fd)
+        close_quietly(fd)
     return False
 
 
