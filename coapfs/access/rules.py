@@ -134,7 +134,8 @@ class Rules:
         root = configured.get((), root_default)
         self._grants: dict[Key, _Grants] = {
             (): _Grants(
-                root.read if root.read is not None else _ANYONE, _pick(root.write, root_default)
+                root.read if root.read is not None else root_default.read or (),
+                root.write if root.write is not None else root_default.write or (),
             )
         }
         self._depth = max((len(r.path) for r in rules), default=0)
@@ -190,10 +191,6 @@ class Rules:
 
     def labels(self) -> set[str]:
         return {p.text for rule in self.configured for p in rule.principals() if p.kind == "label"}
-
-
-def _pick(value: tuple[Principal, ...] | None, default: AccessRule) -> tuple[Principal, ...]:
-    return value if value is not None else (default.write or ())
 
 
 def _verdict(grants: tuple[Principal, ...], peer: Callable[[], Peer]) -> Verdict:

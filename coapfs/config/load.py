@@ -213,16 +213,14 @@ class Loader:
         return Loaded(self._absolute(config), origins, files)
 
     def _absolute(self, config: Config) -> Config:
-        def absolute(p: Path | None) -> Path | None:
-            return None if p is None else Path(os.path.normpath(self.cwd / p))
-
-        return dataclasses.replace(
-            config,
-            root=Path(os.path.normpath(self.cwd / config.root)),
-            credentials=absolute(config.credentials),
-            tls_server_certificate=absolute(config.tls_server_certificate),
-            tls_server_key=absolute(config.tls_server_key),
-        )
+        """Every path key still relative (the command line's, the default root) taken
+        against `cwd`."""
+        paths: dict[str, Any] = {
+            f.name: Path(os.path.normpath(self.cwd / value))
+            for f in dataclasses.fields(config)
+            if isinstance(value := getattr(config, f.name), Path)
+        }
+        return dataclasses.replace(config, **paths)
 
 
 def check_command_line(overrides: Mapping[str, Any]) -> Values:

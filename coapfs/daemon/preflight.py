@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from ..access.rules import PERMISSIONS
 from ..config import ConfigError, Loaded
 from .credentials import CredentialsError, credential_labels, prepare_credentials
 
@@ -33,7 +34,7 @@ def check_environment(loaded: Loaded) -> None:
 def check_credentials(loaded: Loaded) -> None:
     """Make aiocoap's OSCORE importable (also without lakers) and check the credentials file.
 
-    The one place coapfs.daemon.credentials is called: before any server context is created (at
+    The one place the credentials file is checked: before any server context is created (at
     start and on every reload, via check_environment) and by --check-config.
     """
     try:
@@ -49,7 +50,7 @@ def check_rule_labels(loaded: Loaded, labels: set[str]) -> None:
     credentials = loaded.config.credentials
     known = ", ".join(f'"{label}"' for label in sorted(labels)) or "none: no credentials file"
     for i, rule in enumerate(loaded.config.access, start=1):
-        for permission in ("read", "write"):
+        for permission in PERMISSIONS:
             for principal in getattr(rule, permission) or ():
                 if principal.kind == "label" and principal.text not in labels:
                     raise ConfigError.bad_value(

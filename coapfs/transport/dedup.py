@@ -123,9 +123,10 @@ class Deduplication:
             return bool(self._stock_deduplicate(message))  # a duplicate: aiocoap's handling
         if renders_again(message):
             if message.mtype is CON:
-                self._prune_in_flight(time.monotonic())
+                now = time.monotonic()
+                self._prune_in_flight(now)
                 dict.__setitem__(self._store, key, None)
-                self._in_flight[key] = time.monotonic()
+                self._in_flight[key] = now
             return False
         stored = len(self._store) - len(self._in_flight)
         if stored >= self.limits.max_entries or self._store.nbytes >= self.limits.max_bytes:

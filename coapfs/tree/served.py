@@ -279,9 +279,10 @@ class ServedTree:
             stored_format = attributes.content_format(fd)
             if st.st_size <= SMALL_FILE_BYTES:
                 body = _read_whole(fd, st.st_size)
-                if stat_signature(os.fstat(fd)) == stat_signature(st):
+                after = os.fstat(fd)
+                if stat_signature(after) == stat_signature(st):
                     return Entry(False, st, body, content_format=stored_format), None, watchable
-                st = os.fstat(fd)  # written to meanwhile: serve it block by block instead
+                st = after  # written to meanwhile: serve it block by block instead
             keep_open = True
             return Entry(False, st, None, content_format=stored_format), fd, watchable
         finally:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import os
 import secrets
 import stat
@@ -36,6 +37,7 @@ class NameTaken(Exception):
     """A file appeared at the name while a create-only (If-None-Match) write was in progress."""
 
 
+@functools.cache
 def _tmpfile_linkable() -> bool:
     """O_TMPFILE files are linked through /proc/self/fd (linkat with AT_EMPTY_PATH would
     need CAP_DAC_READ_SEARCH)."""
@@ -106,11 +108,10 @@ class Spool:
         parent, name = self.place.parent, self.place.name
         with locked_existing(parent, name) as existing:
             check(existing)
-            if existing is not None:
-                os.fchmod(self._fd, _kept_mode(existing))
             if existing is None:
                 self._link_new(create_only)
             else:
+                os.fchmod(self._fd, _kept_mode(existing))
                 self._replace()
             fsync_directory(parent)
             _unlock(self._fd)  # no spool any more: the file at the name
