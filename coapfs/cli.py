@@ -23,6 +23,12 @@ BIND_HELP = (
 )
 
 
+def _workers(value: str) -> int | str:
+    """A number as a number; anything else as written, for the schema to accept ("auto") or
+    refuse in its one line."""
+    return int(value) if value.isdigit() else value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Defaults are None throughout: only options actually given override the files."""
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
@@ -61,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         help='worker processes serving the binds: N, or "auto" (one per CPU); default 1',
         metavar="N|auto",
-        type=lambda v: v if v == "auto" else int(v),
+        type=_workers,
         default=None,
     )
     p.add_argument(

@@ -201,6 +201,12 @@ def test_command_line_values_use_the_same_schema() -> None:
     opts = build_parser().parse_args(["--bind", "5683"])
     with pytest.raises(ConfigError, match=r'^command line: bind = \["5683"\]: expected ":5683"'):
         check_command_line(command_line_values(opts))
+    opts = build_parser().parse_args(["--workers", "many"])
+    with pytest.raises(ConfigError, match=r'^command line: workers = "many": expected a number'):
+        check_command_line(command_line_values(opts))
+    for given, parsed in (("auto", "auto"), ("3", 3)):
+        opts = build_parser().parse_args(["--workers", given])
+        assert check_command_line(command_line_values(opts)) == {"workers": parsed}
 
 
 def test_check_environment_root_and_files(tmp_path: Path) -> None:
