@@ -208,6 +208,38 @@ def test_a_reload_reaches_every_worker_or_none(start_server, root, tmp_path):
     assert {len(a.opt.etag) for a in answers} == {5}
 
 
+def test_a_worker_started_again_during_a_reload_serves_the_new_configuration(
+    start_server, root, tmp_path
+):
+    """A worker that crashed is being started again (on the configuration of its start) while
+    a reload is applied to the others: it must not go on serving the old one."""
+    config = tmp_path / "server.toml"
+    port = free_udp_port()
+    base = f'bind = ["127.0.0.1:{port}"]\nworkers = {WORKERS}\nroot = "{root}"\n'
+    config.write_text(base + "etag_length = 8\n")
+    server = start_server.start("--config", str(config), notify=True)
+    server.notify.wait_for("READY", 30)
+    victim = worker_pids(server)[1]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: f"(pid {victim}) ended" in server.log(), 10, what="the death noticed")
+    config.write_text(base + "etag_length = 3\n")
+    server.send(signal.SIGHUP)
+    server.notify.wait_for("RELOADING", 10)
+    assert "RELOAD FAILED" not in server.notify.wait_for("READY", 30)["STATUS"]
+    uri = f"coap://127.0.0.1:{port}/a.txt"
+    lengths: set[int] = set()
+
+    def all_new() -> bool:
+        lengths.clear()
+        lengths.update(len(a.opt.etag) for a in get_from_new_ports(uri, 12))
+        return lengths == {3}
+
+    wait_until(
+        all_new, 20, what="every worker on the new ETag length", details=lambda: f"{lengths}"
+    )
+    assert len(worker_pids(server)) == WORKERS
+
+
 def test_sigterm_drains_every_worker(start_server, root):
     server = start(start_server, root)
     pids = worker_pids(server)

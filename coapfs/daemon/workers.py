@@ -166,6 +166,12 @@ class WorkerPool:
         fds = [self._claims.socket(b, index).fileno() for b in binds]
         try:
             await worker.ask(("start", start), fds)
+            if start["loaded"] is not self.loaded:
+                # A reload was applied while this worker started (one being started again
+                # after a crash): it would serve the old configuration, old access rules too.
+                raise WorkerFailed(
+                    StartupError(f"worker {index} started on a configuration reloaded since")
+                )
         except WorkerFailed:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
@@ -263,8 +269,10 @@ class WorkerPool:
     async def reload(self, loaded: Loaded) -> None:
         """Every worker applies `loaded`, or none does."""
         wanted = endpoints(loaded.config)
-        new = await claim_endpoints(self._claims, wanted)
         workers = [self._workers[i] for i in sorted(self._workers)]
+        if not workers:
+            raise StartupError("no worker serves now (all are being started again); reload later")
+        new = await claim_endpoints(self._claims, wanted)
         try:
             prepared: list[_Worker] = []
             try:
@@ -283,6 +291,11 @@ class WorkerPool:
             raise
         self._claims.keep_only([e.hostport for e in wanted])
         self.loaded = loaded
+        for worker in list(self._workers.values()):
+            if worker not in workers:  # started again meanwhile, on the old configuration
+                log.info("Worker %d started during the reload; starting it again", worker.index)
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.kill()
 
     async def _abort(self, workers: list[_Worker]) -> None:
         for worker in workers:
