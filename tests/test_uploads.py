@@ -63,8 +63,9 @@ def server(start_module_server: Servers, root: Path) -> Server:
 def put_block(
     server: RawServer, name: str, num: int, payload: bytes, *, more: bool, options=()
 ) -> Response:
-    """Block `num` (1024 bytes a block but the last) of an upload to `name`."""
-    return ask(server, PUT, [*path(name), *options, (BLOCK1, block(num, more, 6))], payload)
+    """Block `num` (1024 bytes a block but the last) of an upload to `name` ("dir/file")."""
+    target = path(*name.split("/"))
+    return ask(server, PUT, [*target, *options, (BLOCK1, block(num, more, 6))], payload)
 
 
 def ask(server: RawServer, code: int, options: Options, payload: bytes = b"") -> Response:
@@ -268,6 +269,42 @@ def test_kill_9_in_the_middle_of_an_upload_leaves_nothing_visible(
         restarted.assert_clean()
     finally:
         restarted.close()
+
+
+def test_an_upload_whose_directory_moves_meanwhile_is_refused(tmp_path: Path) -> None:
+    """Between block 0 and the last block the upload's directory is renamed: within the root
+    (the file would land at a path the client never named) and out of it (the file would land
+    outside the served tree). Both are 4.09, and no file appears anywhere."""
+    root = tmp_path / "root"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    server = RawServer(root_with(root, "inner/", "leaving/"), tmp_path / "server.log", "--write")
+    try:
+        for name, move_to in (("inner", root / "renamed"), ("leaving", outside / "leaving")):
+            assert put_block(server, f"{name}/f.bin", 0, b"x" * 1024, more=True).code == "2.31"
+            (root / name).rename(move_to)
+            last = put_block(server, f"{name}/f.bin", 1, b"end", more=False)
+            assert last.code == "4.09", last
+            assert b"moved" in last.payload, last
+            assert not (move_to / "f.bin").exists(), move_to
+            assert not (root / name).exists()
+        assert sorted(p.name for p in root.rglob("*")) == ["renamed"]
+        assert list(outside.rglob("*")) == [outside / "leaving"]
+        assert put_block(server, "renamed/f.bin", 0, b"here", more=False).code == "2.01"
+        server.assert_clean()
+    finally:
+        server.close()
+
+
+def root_with(root: Path, *names: str) -> Path:
+    """`root` made, with the directories (ending in "/") and files named in it."""
+    root.mkdir()
+    for name in names:
+        if name.endswith("/"):
+            (root / name).mkdir()
+        else:
+            (root / name).write_bytes(b"")
+    return root
 
 
 # --- no space left ----------------------------------------------------------------------------

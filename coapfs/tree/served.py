@@ -21,13 +21,14 @@ from . import attributes, listing, write
 from .cache import SMALL_FILE_BYTES, Entry
 from .freshness import Freshness
 from .path import Key, Target, directories_of
-from .problems import Forbidden, NotADirectory, NotAFile
+from .problems import Conflict, Forbidden, NotADirectory, NotAFile
 from .root import Root
 from .spool import Check, Spool
 
 log = logging.getLogger("coapfs")
 
 StaleHandler = Callable[[Key, bool], None]
+_MOVED = "The upload's directory was moved or removed meanwhile: nothing written; send it again"
 
 
 class Found:
@@ -324,14 +325,37 @@ class ServedTree:
     ) -> tuple[os.stat_result, bool]:
         """Put a complete upload in place (off the event loop): the new file's stat and whether
         it was created; the spool is gone afterwards, whatever happened."""
+        place = spool.place
+
+        def where_sent(existing: os.stat_result | None) -> None:
+            self._check_in_place(place)
+            check(existing)
+
         try:
             result = await asyncio.to_thread(
-                spool.commit, check, create_only=create_only, content_format=content_format
+                spool.commit, where_sent, create_only=create_only, content_format=content_format
             )
         finally:
             spool.discard()
-        self._changed_here(spool.place.target.segments)
+        self._changed_here(place.target.segments)
         return result
+
+    def _check_in_place(self, place: write.Place) -> None:
+        """The directory an upload was opened in is still the one its path names beneath the
+        root (checked under the lock, just before the file is linked in): one moved or replaced
+        meanwhile (renamed elsewhere, even out of the root) must not receive a file its client
+        sent to another path, nor one the access rules of its new place might refuse."""
+        try:
+            fd = self._root.open_parent(place.target.segments)
+        except (FileNotFoundError, NotADirectoryError):
+            raise Conflict(_MOVED) from None
+        try:
+            now = os.fstat(fd)
+        finally:
+            os.close(fd)
+        then = os.fstat(place.parent)
+        if (now.st_dev, now.st_ino) != (then.st_dev, then.st_ino):
+            raise Conflict(_MOVED)
 
     def delete_file(self, place: write.Place, check: Check) -> None:
         write.delete_file(place, check)
