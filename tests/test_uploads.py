@@ -7,6 +7,7 @@ Content-Format a PUT stores with the file."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import os
 import stat
@@ -216,6 +217,34 @@ def test_a_delete_and_a_put_with_the_same_etag_have_one_winner(server: Server, r
             [codes.PRECONDITION_FAILED, codes.CHANGED],
         ), (i, got)
         assert content == (None if got[0] == codes.DELETED else b"new"), (i, got, content)
+
+
+def test_a_delete_waiting_for_another_writers_lock_holds_up_nothing_else(
+    server: Server, root: Path
+) -> None:
+    """Another process holds the lock writers take on a file (flock): a DELETE of it waits for
+    the lock, and meanwhile the server answers everything else."""
+    (root / "locked.bin").write_bytes(b"held")
+    (root / "free.txt").write_bytes(b"free")
+    client = Client()
+    holder = os.open(root / "locked.bin", os.O_RDONLY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        message = aiocoap.Message(code=aiocoap.DELETE, uri=server.uri("locked.bin"))
+
+        async def send() -> aiocoap.Message:
+            return await client.context.request(message).response
+
+        delete = asyncio.run_coroutine_threadsafe(send(), client.loop)
+        assert client.get(server.uri("free.txt"), timeout=10).payload == b"free"
+        assert not delete.done() and (root / "locked.bin").exists()
+    finally:
+        os.close(holder)  # the lock goes with it
+    try:
+        assert delete.result(30).code == codes.DELETED
+        assert not (root / "locked.bin").exists()
+    finally:
+        client.close()
 
 
 # --- kill -9 in the middle of an upload -------------------------------------------------------

@@ -341,7 +341,7 @@ class FileService(Resource, ObservableResource):
         if target.is_dir_request:
             await writes.delete_directory(self.tree, self.service, request, target)
         else:
-            writes.delete_file(self.tree, self.service, request, target)
+            await writes.delete_file(self.tree, self.service, request, target)
         return aiocoap.Message(code=codes.DELETED)
 
 

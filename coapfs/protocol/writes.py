@@ -108,13 +108,13 @@ def put_directory(
     return aiocoap.Message(code=code, etag=etag_from_stat(st, service.etag_length))
 
 
-def delete_file(
+async def delete_file(
     tree: ServedTree, service: ServiceConfig, request: aiocoap.Message, target: Target
 ) -> None:
     """DELETE of a file: the preconditions checked now, and again under the writers' lock."""
     place = checked_place(tree, service, request, target)
     try:
-        tree.delete_file(place, _conditions(request, service.etag_length))
+        await tree.delete_file(place, _conditions(request, service.etag_length))
     finally:
         place.close()
     accesslog.log_change(request, "deleted", None, None)

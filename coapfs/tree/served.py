@@ -357,8 +357,10 @@ class ServedTree:
         if (now.st_dev, now.st_ino) != (then.st_dev, then.st_ino):
             raise Conflict(_MOVED)
 
-    def delete_file(self, place: write.Place, check: Check) -> None:
-        write.delete_file(place, check)
+    async def delete_file(self, place: write.Place, check: Check) -> None:
+        """Off the event loop: the lock on the file may be held by another writer (another
+        process, or a server sharing the file system) for as long as it likes."""
+        await asyncio.to_thread(write.delete_file, place, check)
         self._changed_here(place.target.segments)
 
     def make_directory(self, place: write.Place, mode: int) -> os.stat_result:
