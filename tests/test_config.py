@@ -23,6 +23,7 @@ from coapfs.config.schema import iter_keys
 from coapfs.daemon.preflight import check_environment
 
 from support.repo import REPO
+from support.server import run_coapfs
 
 
 def write(path: Path, text: str) -> Path:
@@ -131,6 +132,14 @@ def test_each_error_is_one_line_naming_file_key_value(
 def test_toml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
     message = error(tmp_path, "write = true\netag_length 4\n")
     assert "not valid TOML" in message and "line 2" in message
+
+
+def test_a_file_that_is_not_utf8_is_one_line_and_78(tmp_path: Path) -> None:
+    config = tmp_path / "latin1.toml"
+    config.write_bytes(b'write = true\n# caf\xe9\n')
+    result = run_coapfs(["--config", str(config), "--check-config"], capture_output=True, text=True)
+    assert result.returncode == 78, result.stderr
+    assert result.stderr == f"coap-fileserver: {config}: not valid TOML: not UTF-8 (line 2)\n"
 
 
 def test_dropins_in_lexical_order_later_wins_key_by_key(tmp_path: Path) -> None:

@@ -112,6 +112,9 @@ def read_file(file: Path) -> Values:
             raw = tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(file, f"not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise ConfigError(file, f"not valid TOML: not UTF-8 (line {line})") from None
     except OSError as e:
         raise ConfigError(file, f"cannot read: {e.strerror}") from None
     return _anchored(_check(Config, raw, file), file.absolute().parent)
