@@ -455,6 +455,12 @@ def test_write_true_beyond_loopback_without_a_rule_is_warned_of(
             "expected a network without host bits (e.g. 192.168.1.0/24)",
         ),
         (
+            '[[access]]\npath = "lan/"\nwrite = "::ffff:192.168.1.7"\n',
+            "access[1].write",
+            '"::ffff:192.168.1.7"',
+            'expected its IPv4 form "192.168.1.7" (IPv4-mapped peers are matched as IPv4)',
+        ),
+        (
             '[[access]]\npath = "lan/"\nread = "my-laptop"\n',
             "access[1].read",
             '"my-laptop"',
@@ -474,7 +480,14 @@ def test_write_true_beyond_loopback_without_a_rule_is_warned_of(
             "expected one of path, read, write",
         ),
     ],
-    ids=["unknown label", "host bits", "no principal", "duplicate prefix", "unknown key"],
+    ids=[
+        "unknown label",
+        "host bits",
+        "IPv4-mapped",
+        "no principal",
+        "duplicate prefix",
+        "unknown key",
+    ],
 )
 def test_check_config_finds_bad_rules(
     tmp_path: Path, rules: str, key: str, value: str, expected: str

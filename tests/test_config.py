@@ -119,6 +119,14 @@ def test_values_are_typed(tmp_path: Path) -> None:
         ("[cache]\nwatch_budget = 0", "cache.watch_budget", "0", "expected an integer >= 1"),
         ("[cache]\npoll_interval = 0", "cache.poll_interval", "0", "a number of seconds > 0"),
         ("[observe]\ncoalesce_ms = 1.5", "observe.coalesce_ms", "1.5", "expected an integer"),
+        ("[upload]\nfile_mode = 0o4755", "upload.file_mode", "0o4755", "expected permission bits"),
+        ("root = 1979-05-27T07:32:00", "root", "1979-05-27T07:32:00", "expected a non-empty path"),
+        (
+            '[amplification]\ntrusted = ["::ffff:0:0/96"]',
+            "amplification.trusted[1]",
+            '"::ffff:0:0/96"',
+            'expected its IPv4 form "0.0.0.0/0"',
+        ),
     ],
 )
 def test_each_error_is_one_line_naming_file_key_value(
@@ -136,7 +144,7 @@ def test_toml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
 
 def test_a_file_that_is_not_utf8_is_one_line_and_78(tmp_path: Path) -> None:
     config = tmp_path / "latin1.toml"
-    config.write_bytes(b'write = true\n# caf\xe9\n')
+    config.write_bytes(b"write = true\n# caf\xe9\n")
     result = run_coapfs(["--config", str(config), "--check-config"], capture_output=True, text=True)
     assert result.returncode == 78, result.stderr
     assert result.stderr == f"coap-fileserver: {config}: not valid TOML: not UTF-8 (line 2)\n"

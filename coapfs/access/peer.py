@@ -13,6 +13,35 @@ from typing import Any
 from aiocoap.util import hostportsplit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_V4_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+class BadNetwork(ValueError):
+    """Not a usable network; `hint` says what to write instead (None: not a network at all)."""
+
+    def __init__(self, hint: str | None = None) -> None:
+        super().__init__(hint or "not a network")
+        self.hint = hint
+
+
+def parse_network(text: str) -> IPNetwork:
+    """A network (or a single address) as configured, matched against `Peer.address`. An
+    IPv4-mapped IPv6 one is refused: `parse_ip` gives such peers their IPv4 address, which it
+    would never match."""
+    try:
+        network = ipaddress.ip_network(text, strict=True)
+    except ValueError as e:
+        if "/" in text and "host bits set" in str(e):
+            loose = ipaddress.ip_network(text, strict=False)
+            raise BadNetwork(f"a network without host bits (e.g. {loose})") from None
+        raise BadNetwork() from None
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_V4_MAPPED):
+        mapped = network.network_address.ipv4_mapped
+        v4 = ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+        form = v4.network_address if v4.prefixlen == 32 else v4
+        raise BadNetwork(f'its IPv4 form "{form}" (IPv4-mapped peers are matched as IPv4)')
+    return network
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,10 +8,9 @@
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
-from .peer import Peer
+from .peer import BadNetwork, IPNetwork, Peer, parse_network
 
 ANYONE = "anyone"
 AUTHENTICATED = "authenticated"
@@ -30,7 +29,7 @@ class BadPrincipal(ValueError):
 class Principal:
     text: str
     kind: str  # "anyone", "authenticated", "label", "network"
-    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+    network: IPNetwork | None = None
 
     @property
     def needs_authentication(self) -> bool:
@@ -59,13 +58,7 @@ def parse_principal(text: str) -> Principal:
     if text.startswith(":") and not text.startswith("::") and len(text) > 1:
         return Principal(text, "label")  # "::1", "::/0": IPv6, not a label
     try:
-        network = ipaddress.ip_network(text, strict=True)
-    except ValueError as e:
-        if "/" in text and "host bits set" in str(e):
-            raise BadPrincipal(f"a network without host bits (e.g. {_network_of(text)})") from None
-        raise BadPrincipal(EXPECTED) from None
+        network = parse_network(text)
+    except BadNetwork as e:
+        raise BadPrincipal(e.hint or EXPECTED) from None
     return Principal(text, "network", network)
-
-
-def _network_of(text: str) -> str:
-    return str(ipaddress.ip_network(text, strict=False))

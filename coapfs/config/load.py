@@ -14,6 +14,7 @@ service will serve.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import tomllib
 from collections.abc import Mapping
@@ -58,6 +59,8 @@ def _toml_repr(value: Any) -> str:
         return "{" + ", ".join(f"{k} = {_toml_repr(v)}" for k, v in value.items()) + "}"
     if isinstance(value, Path):
         return _toml_repr(str(value))
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
     return repr(value)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from aiocoap.util import hostportsplit
 
+from ..access.peer import BadNetwork, IPNetwork, parse_network
 from ..access.rules import AccessRule, BadRule, parse_rules
 
 MiB = 1024 * 1024
@@ -176,24 +177,31 @@ def worker_processes(v: Any) -> int | str:
     return v
 
 
+class _Octal(int):
+    """Permission bits shown in an error as they are written in TOML (0o4755), not 2541."""
+
+    def __repr__(self) -> str:
+        return oct(self)
+
+
 def permission_bits(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0o777:
-        raise Invalid("permission bits like 0o644 (TOML octal), without setuid/setgid/sticky")
+        expected = "permission bits like 0o644 (TOML octal), without setuid/setgid/sticky"
+        raise Invalid(expected, value=_Octal(v) if isinstance(v, int) else _WHOLE)
     return v
 
 
-def network_list(v: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+def network_list(v: Any) -> tuple[IPNetwork, ...]:
     expected = 'a list of networks like ["127.0.0.0/8", "::1/128", "192.168.0.0/16"]'
     if not isinstance(v, list) or not all(isinstance(i, str) for i in v):
         raise Invalid(expected)
     networks = []
     for i, item in enumerate(v, start=1):
         try:
-            networks.append(ipaddress.ip_network(item, strict=True))
-        except ValueError:
-            raise Invalid(
-                "a network without host bits, e.g. 192.0.2.0/24", f"[{i}]", item
-            ) from None
+            networks.append(parse_network(item))
+        except BadNetwork as e:
+            hint = e.hint or 'a network like "192.0.2.0/24" or "fd00::/8"'
+            raise Invalid(hint, f"[{i}]", item) from None
     return tuple(networks)
 
 
@@ -281,7 +289,7 @@ class AmplificationConfig:
     """[amplification]: how much a peer whose source address is not verified can receive."""
 
     factor: float = key(3.0, factor, "a response is at most this times the request (0: no limit)")
-    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = key(
+    trusted: tuple[IPNetwork, ...] = key(
         TRUSTED_NETWORKS,
         network_list,
         "networks exempt from the limit (default: loopback, private, link-local: a LAN)",

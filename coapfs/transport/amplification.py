@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import os
 import time
 from collections import OrderedDict
@@ -38,7 +37,7 @@ from aiocoap.numbers.codes import Code
 from aiocoap.optiontypes import BlockOption
 from aiocoap.transports.udp6 import UDP6EndpointAddress
 
-from ..access.peer import peer_of
+from ..access.peer import IPNetwork, peer_of
 
 _ECHO_TIME_BYTES = 2  # minutes, wrapping: ample for `_ECHO_LIFETIME`
 _ECHO_MAC_BYTES = 6
@@ -51,7 +50,7 @@ class Settings:
     """[amplification] in the configuration."""
 
     factor: float
-    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    trusted: tuple[IPNetwork, ...]
     unverified: str  # "small-blocks" or "echo"
     verified_for: float
     max_verified: int
