@@ -419,6 +419,23 @@ def test_max_size_by_size1_at_block_0_and_as_bytes_arrive(limited) -> None:
     assert (root / "fits.bin").read_bytes() == b"b" * 4096
 
 
+def test_a_busy_answer_never_has_a_max_age_beyond_4_bytes(tmp_path: Path) -> None:
+    """An upload may idle for longer than Max-Age can say (idle_timeout = 1e300 s): the 5.03 of
+    a second upload says the longest Max-Age there is, 2**32 - 1."""
+    conf = tmp_path / "server.toml"
+    conf.write_text("[upload]\nmax_concurrent = 1\nidle_timeout = 1e300\n")
+    server = RawServer(
+        root_with(tmp_path / "root"), tmp_path / "server.log", "--write", "--config", str(conf)
+    )
+    try:
+        assert put_block(server, "a.bin", 0, b"x" * 1024, more=True).code == "2.31"
+        busy = put_block(server, "b.bin", 0, b"x" * 1024, more=True)
+        assert (busy.code, busy.opt(MAX_AGE)) == ("5.03", b"\xff" * 4), busy
+        server.assert_clean()
+    finally:
+        server.close()
+
+
 def test_max_concurrent_uploads_then_idle_ones_are_dropped(limited) -> None:
     """A third upload at once is 5.03 with Max-Age; the two in progress, once abandoned, are
     dropped after the idle timeout (their spools go), their next block is 4.08, and new

@@ -14,6 +14,9 @@ from ..tree import problems
 
 log = logging.getLogger("coapfs")
 
+#: The largest Max-Age there is (RFC 7252 5.10.5: a 4-byte unsigned integer).
+MAX_AGE_LIMIT = 2**32 - 1
+
 
 class ReadOnly(aiocoap.error.MethodNotAllowed):
     message = "This server is read-only"
@@ -39,7 +42,7 @@ class Busy(aiocoap.error.ConstructionRenderableError):
 
     def __init__(self, message: str | None = None, *, max_age: int) -> None:
         super().__init__(message)
-        self.max_age = max_age
+        self.max_age = min(max_age, MAX_AGE_LIMIT)
 
     def to_message(self) -> aiocoap.Message:
         response = super().to_message()

@@ -169,7 +169,7 @@ class Uploads:
         oldest = next(iter(self._pending.values()))
         wait = oldest.touched + self.settings.idle_timeout - now
         raise errors.Busy(
-            f"{len(self._pending)} uploads in progress, the most this server takes; retry later",
+            f"Uploads in progress: {len(self._pending)}, the most this server takes; retry later",
             max_age=max(1, math.ceil(wait)),
         )
 
