@@ -127,13 +127,23 @@ def delete_directory(place: Place, *, only_if_empty: bool) -> None:
 
 
 def _remove_tree(parent: int, name: str) -> None:
-    def complain(function: object, path: str, error: object) -> None:
-        log.warning("Could not remove %s of a deleted directory: %s", path, error)
+    try:
+        where = os.readlink(f"/proc/self/fd/{parent}")
+    except OSError:
+        where = "."
+
+    def complain(path: str, error: BaseException | None) -> None:
+        log.warning(
+            "Could not remove %s of a deleted directory (hidden from clients; tried again at "
+            "the next start, or remove it by hand): %s",
+            os.path.join(where, path),
+            getattr(error, "strerror", None) or error,
+        )
 
     if sys.version_info >= (3, 12):
-        shutil.rmtree(name, dir_fd=parent, onexc=complain)
+        shutil.rmtree(name, dir_fd=parent, onexc=lambda _f, path, e: complain(path, e))
     else:
-        shutil.rmtree(name, dir_fd=parent, onerror=complain)
+        shutil.rmtree(name, dir_fd=parent, onerror=lambda _f, path, info: complain(path, info[1]))
 
 
 def sweep(root: Root, older_than: float) -> int:
