@@ -14,6 +14,9 @@ from aiocoap.numbers import codes
 from coapfs.protocol.writes import EMPTY_DIRECTORY_ETAG
 from coapfs.tree.hidden import TRASH_PREFIX
 
+from support.raw import DELETE, GET, RawServer, path
+from support.tools import require
+
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
@@ -48,6 +51,14 @@ def test_put_dir_needs_its_parent_and_honours_preconditions(client, server, root
     assert r.code == codes.PRECONDITION_FAILED
     r = client.put(server.uri("fresh/"), b"", if_match=[b""])
     assert r.code == codes.PRECONDITION_FAILED and not (root / "fresh").exists()
+
+
+@pytest.mark.parametrize("size", [8, 3000], ids=["single datagram", "block-wise"])
+def test_put_dir_with_a_payload_is_4_00_and_makes_nothing(client, server, root, size):
+    r = client.put(server.uri(f"upload-{size}/"), b"x" * size)
+    assert r.code == codes.BAD_REQUEST, r
+    assert b"strip the slash" in r.payload
+    assert not (root / f"upload-{size}").exists()
 
 
 def test_delete_dir_removes_it_with_its_contents(client, server, root):
@@ -99,3 +110,24 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_deleted_directory_that_cannot_all_be_removed_is_said_plainly(tmp_path):
+    """Something beneath it cannot be removed (here a mount point, in a mount namespace of the
+    server's own): the directory is gone for clients (2.02), and the log says in one plain
+    warning what is left and what to do, without a traceback object in it."""
+    unshare = require("unshare", "util-linux")
+    root = tmp_path / "root"
+    (root / "stuck" / "mounted").mkdir(parents=True)
+    mount = 'mount -t tmpfs coapfs-test "$0/stuck/mounted" && exec "$@"'
+    wrapper = [unshare, "--user", "--map-root-user", "--mount", "sh", "-c", mount, str(root)]
+    server = RawServer(root, tmp_path / "server.log", "--write", wrapper=wrapper)
+    try:
+        assert server.request(DELETE, path("stuck", "")).code == "2.02"
+        assert server.request(GET, path("stuck", "")).code == "4.04"
+        warnings = [line for line in server.log().splitlines() if "Could not remove" in line]
+        assert warnings and all("remove it by hand" in w for w in warnings), server.log()
+        assert "traceback" not in server.log().lower()
+        server.assert_clean()
+    finally:
+        server.close()

@@ -75,6 +75,10 @@ class NotAProxy(aiocoap.error.ProxyingNotSupported):
     message = "This server is not a proxy (Proxy-Uri, Proxy-Scheme)"
 
 
+class DirectoryPayload(aiocoap.error.BadRequest):
+    message = "A directory (trailing slash) takes no payload; to upload a file, strip the slash"
+
+
 class UploadIncomplete(aiocoap.error.RequestEntityIncomplete):
     message = "Block-wise upload out of sequence; send it again from block 0"
 

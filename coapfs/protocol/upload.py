@@ -90,7 +90,10 @@ class Uploads:
             self._check_size(request.opt.size1 or 0, space_left)
             upload = _Upload(open_spool(), now)
         elif upload is None:
-            raise errors.UploadIncomplete("No upload in progress; start with block 0")
+            raise errors.UploadIncomplete(
+                "No upload in progress that this block continues: start with block 0, and send "
+                "every block with block 0's options (Content-Format, If-Match, Uri-Query...)"
+            )
         elif upload.repeats_last(block1.block_number, block1.start, request.payload):
             upload.touched = now
             self._pending[key] = upload

@@ -89,7 +89,10 @@ def _conditions(request: aiocoap.Message, etag_length: int) -> Check:
 def put_directory(
     tree: ServedTree, service: ServiceConfig, request: aiocoap.Message, target: Target
 ) -> aiocoap.Message:
-    """`PUT dir/`: make the directory (2.01), or find it there (2.04); parents must exist."""
+    """`PUT dir/`: make the directory (2.01), or find it there (2.04); parents must exist. It
+    carries no content: a payload is refused (most likely a file upload with a stray slash)."""
+    if request.payload or request.opt.block1 is not None:
+        raise errors.DirectoryPayload()
     place = checked_place(tree, service, request, target)
     try:
         if place.existing is not None:
