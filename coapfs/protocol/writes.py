@@ -91,10 +91,10 @@ def put_directory(
 ) -> aiocoap.Message:
     """`PUT dir/`: make the directory (2.01), or find it there (2.04); parents must exist. It
     carries no content: a payload is refused (most likely a file upload with a stray slash)."""
-    if request.payload or request.opt.block1 is not None:
-        raise errors.DirectoryPayload()
     place = checked_place(tree, service, request, target)
     try:
+        if request.payload or request.opt.block1 is not None:
+            raise errors.DirectoryPayload()
         if place.existing is not None:
             code, st = codes.CHANGED, place.existing
         else:
