@@ -14,8 +14,8 @@ from aiocoap.numbers import codes
 from coapfs.protocol.writes import EMPTY_DIRECTORY_ETAG
 from coapfs.tree.hidden import TRASH_PREFIX
 
+from support.process import with_own_mount
 from support.raw import DELETE, GET, RawServer, path
-from support.tools import require
 
 
 @pytest.fixture
@@ -116,11 +116,9 @@ def test_a_deleted_directory_that_cannot_all_be_removed_is_said_plainly(tmp_path
     """Something beneath it cannot be removed (here a mount point, in a mount namespace of the
     server's own): the directory is gone for clients (2.02), and the log says in one plain
     warning what is left and what to do, without a traceback object in it."""
-    unshare = require("unshare", "util-linux")
     root = tmp_path / "root"
     (root / "stuck" / "mounted").mkdir(parents=True)
-    mount = 'mount -t tmpfs coapfs-test "$0/stuck/mounted" && exec "$@"'
-    wrapper = [unshare, "--user", "--map-root-user", "--mount", "sh", "-c", mount, str(root)]
+    wrapper = with_own_mount(root / "stuck" / "mounted")
     server = RawServer(root, tmp_path / "server.log", "--write", wrapper=wrapper)
     try:
         assert server.request(DELETE, path("stuck", "")).code == "2.02"

@@ -22,6 +22,7 @@ from coapfs.tree.hidden import SPOOL_PREFIX
 
 from support.client import Client
 from support.files import spool_files
+from support.process import with_own_mount
 from support.raw import (
     ACCEPT,
     BLOCK1,
@@ -268,11 +269,9 @@ def test_parallel_uploads_to_one_name_leave_one_whole_file(served, client: Clien
 
 def test_upload_beyond_the_space_left_is_4_13(tmp_path: Path) -> None:
     """The root is a 256 KiB tmpfs, mounted in a user and mount namespace of the server's own."""
-    unshare = require("unshare", "util-linux")
     root = tmp_path / "small"
     root.mkdir()
-    mount = 'mount -t tmpfs -o size=256k coapfs-test "$0" && exec "$@"'
-    wrapper = [unshare, "--user", "--map-root-user", "--mount", "sh", "-c", mount, str(root)]
+    wrapper = with_own_mount(root, options="size=256k")
     server = RawServer(root, tmp_path / "server.log", "--write", wrapper=wrapper)
     try:
         target = path("x")

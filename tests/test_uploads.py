@@ -24,7 +24,7 @@ from support.client import Client
 from support.files import spool_files
 from support.ondisk import snapshot
 from support.polling import wait_until
-from support.process import held_spools, peak_rss, seen_by
+from support.process import held_spools, peak_rss, seen_by, with_own_mount
 from support.raw import (
     BLOCK1,
     GET,
@@ -38,7 +38,7 @@ from support.raw import (
     uint,
 )
 from support.server import Server, Servers
-from support.tools import missing, require
+from support.tools import missing
 
 MiB = 1024 * 1024
 MAX_AGE = 14
@@ -249,17 +249,14 @@ def test_a_delete_waiting_for_another_writers_lock_holds_up_nothing_else(
 
 # --- kill -9 in the middle of an upload -------------------------------------------------------
 
-#: A (user and) mount namespace of the server's own without /proc: an unnamed (O_TMPFILE)
-#: spool cannot be linked into place there, so uploads are spooled to hidden names, as on a
-#: file system without unnamed files.
-NO_PROC = 'mount -t tmpfs coapfs-no-proc /proc && exec "$@"'
-
 
 def spool_wrapper(kind: str) -> list[str]:
+    """For "named": a mount namespace of the server's own in which /proc is an empty tmpfs:
+    an unnamed (O_TMPFILE) spool cannot be linked into place there, so uploads are spooled to
+    hidden names, as on a file system without unnamed files."""
     if kind == "unnamed":
         return []
-    unshare = require("unshare", "util-linux")
-    return [unshare, "--user", "--map-root-user", "--mount", "sh", "-c", NO_PROC, "sh"]
+    return with_own_mount("/proc")
 
 
 @pytest.mark.parametrize("kind", ["unnamed", "named"], ids=["unnamed spool", "named spool"])
@@ -345,11 +342,9 @@ def test_no_space_left_is_4_13_and_leaves_nothing(tmp_path: Path) -> None:
     (no Size1, so the space runs out as blocks arrive) is 4.13 with Size1, or 5.03; the space
     is all given back, nothing is left in the directory (as the server sees it), a file it was
     to replace is unchanged, and the server goes on serving and writing."""
-    unshare = require("unshare", "util-linux")
     root = tmp_path / "small"
     root.mkdir()
-    mount = 'mount -t tmpfs -o size=256k coapfs-test "$0" && exec "$@"'
-    wrapper = [unshare, "--user", "--map-root-user", "--mount", "sh", "-c", mount, str(root)]
+    wrapper = with_own_mount(root, options="size=256k")
     server = RawServer(root, tmp_path / "server.log", "--write", wrapper=wrapper)
     try:
         inside = seen_by(server.proc.pid, root)
@@ -565,11 +560,9 @@ def test_without_extended_attributes_the_format_is_guessed(
     """On a file system without user extended attributes (ramfs, in a user and mount namespace
     of the server's own) a PUT with Content-Format still succeeds; the format is not kept, and
     the name decides it, as for any other file."""
-    unshare = require("unshare", "util-linux")
     root = tmp_path / "ramfs"
     root.mkdir()
-    mount = 'mount -t ramfs coapfs-test "$0" && exec "$@"'
-    wrapper = [unshare, "--user", "--map-root-user", "--mount", "sh", "-c", mount, str(root)]
+    wrapper = with_own_mount(root, "ramfs")
     server = start_server.start("--write", root=root, wrapper=wrapper)
     server.wait_ready(lambda: client.answers(server.uri(".well-known/core")))
     for name, guess in (("record", None), ("notes.txt", 0)):

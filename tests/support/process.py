@@ -8,6 +8,8 @@ from pathlib import Path
 
 from coapfs.tree.hidden import SPOOL_PREFIX
 
+from .tools import require
+
 
 def peak_rss(pid: int) -> int:
     """The process's peak resident set size in bytes (VmHWM)."""
@@ -38,3 +40,13 @@ def held_spools(pid: int, root: Path) -> list[str]:
 def seen_by(pid: int, path: Path) -> Path:
     """`path` as the process sees it, through its mount namespace (/proc/PID/root)."""
     return Path(f"/proc/{pid}/root{path}")
+
+
+def with_own_mount(target: Path | str, fstype: str = "tmpfs", options: str = "") -> list[str]:
+    """A wrapper for a server (`wrapper=`): it runs in a user and mount namespace of its own, in
+    which a fresh `fstype` is mounted at `target` first — no privilege needed, and nothing
+    outside sees the mount (`seen_by` looks through it)."""
+    unshare = require("unshare", "util-linux")
+    opts = f"-o {options} " if options else ""
+    script = f'mount -t {fstype} {opts}coapfs-test "$0" && exec "$@"'
+    return [unshare, "--user", "--map-root-user", "--mount", "sh", "-c", script, str(target)]
