@@ -277,9 +277,10 @@ class FileService(Resource, ObservableResource):
         length = self.service.etag_length
         with self.tree.lookup(target) as found:
             entry = found.entry
+            visible = None
             if entry.is_dir:
                 content_format: ContentFormat | None = ContentFormat.LINKFORMAT
-                digest, body = self._listing_for(request, target.segments, found)
+                digest, visible = self._listing_for(request, target.segments, found)
             else:
                 stored = entry.content_format
                 content_format = (
@@ -287,14 +288,14 @@ class FileService(Resource, ObservableResource):
                     if stored is not None
                     else guess_content_format(target.segments[-1])
                 )
-                digest, body = entry.digest, None
+                digest = entry.digest
             check_accept(request, content_format)
             etag = etag_from_digest(digest, length)
             check_conditions(request, etag, exists=True)
             if etag is not None and etag in request.opt.etags:
                 return aiocoap.Message(code=codes.VALID, etag=etag)
-            if body is not None:
-                whole = body
+            if visible is not None:
+                whole = render_listing(target.segments, visible)
                 response = block_response(
                     request, len(whole), lambda offset, size: whole[offset : offset + size]
                 )
@@ -309,9 +310,9 @@ class FileService(Resource, ObservableResource):
 
     def _listing_for(
         self, request: aiocoap.Message, key: Key, found: Any
-    ) -> tuple[bytes, bytes | None]:
-        """A listing's digest and, where rules hide some entries from this peer, its own body
-        (None: the tree's, shown to everyone)."""
+    ) -> tuple[bytes, list[tuple[str, bool]] | None]:
+        """A listing's digest and, where rules hide some entries from this peer, the entries
+        it may see (None: the tree's listing, shown to everyone), rendered only if sent."""
         entry = found.entry
         if self.rules.uniform_beneath(key):
             return entry.digest, None
@@ -324,7 +325,7 @@ class FileService(Resource, ObservableResource):
         if not hidden:
             return entry.digest, None
         variant = "\0".join(name for name, _ in hidden).encode("utf-8", "surrogateescape")
-        return derived_digest(entry.digest, variant), render_listing(key, visible)
+        return derived_digest(entry.digest, variant), visible
 
     # --- PUT and DELETE (carried out by `writes`) ---------------------------------------
 
