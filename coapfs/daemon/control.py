@@ -11,6 +11,8 @@ from typing import Any
 
 _MAX_MESSAGE = 1 << 20
 _MAX_FDS = 64
+#: How long a send waits for room when the other end does not read (a stalled worker).
+FULL_WAIT = 5.0
 
 
 def pair() -> tuple[socket.socket, socket.socket]:
@@ -53,16 +55,16 @@ class Channel:
         """Send one message (and descriptors); raises ConnectionError if the other end is gone."""
         data = pickle.dumps(message)
         try:
-            socket.send_fds(self.sock, [data], fds or [])
-        except BlockingIOError:
-            # The peer does not read (a stalled worker): wait for room, briefly, blocking.
-            self.sock.setblocking(True)
-            self.sock.settimeout(5)
             try:
                 socket.send_fds(self.sock, [data], fds or [])
-            finally:
-                self.sock.setblocking(False)
-        except OSError as e:
+            except BlockingIOError:
+                # The peer does not read (a stalled worker): wait for room, briefly, blocking.
+                self.sock.settimeout(FULL_WAIT)
+                try:
+                    socket.send_fds(self.sock, [data], fds or [])
+                finally:
+                    self.sock.setblocking(False)
+        except OSError as e:  # gone, or still no room after that (TimeoutError)
             raise ConnectionError(str(e)) from None
 
     async def receive(self) -> tuple[Any, list[int]] | None:
