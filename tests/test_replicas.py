@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiocoap
 import pytest
@@ -26,7 +27,7 @@ from aiocoap.numbers import codes
 from aiocoap.optiontypes import BlockOption
 
 from coapfs.tree.hidden import SPOOL_PREFIX
-from coapfs.tree.spool import locked_existing
+from coapfs.tree.locks import locked_existing
 
 from support.client import Client
 from support.files import spool_files
@@ -354,6 +355,21 @@ async def put_both(
     )
 
 
+def race(
+    client: Client, replicas: Replicas, name: str, i: int, staged: bool, **precondition: Any
+) -> tuple[list[aiocoap.numbers.Code], list[bytes], bytes, list[bytes]]:
+    """Round `i`: PUTs of `name` through A and through B at once, each with `precondition`
+    and its own content; their codes, the diagnostics of the failed, what the file then holds,
+    and the two contents (A's first)."""
+    size = 1500 if staged else 600
+    payloads = [bytes([i, side]) * (size // 2) for side in (0, 1)]
+    uris = [replicas.a.uri(name), replicas.b.uri(name)]
+    responses = client.run(put_both(client.context, uris, payloads, staged=staged, **precondition))
+    got = [r.code for r in responses]
+    diagnostics = [r.payload[:100] for r in responses if not r.code.is_successful()]
+    return got, diagnostics, replicas.path(name).read_bytes(), payloads
+
+
 STAGINGS = pytest.mark.parametrize(
     "staged", [False, True], ids=["single datagrams at once", "block-wise, both past block 0"]
 )
@@ -366,24 +382,10 @@ def test_if_none_match_puts_through_a_and_b_have_one_winner(
     """Rounds of one new name PUT with If-None-Match through A and through B at once: one 2.01,
     one 4.12, the file is the winner's, nothing is left spooled."""
     base = directory(replicas, f"create-{'staged' if staged else 'at-once'}")
-    a, b = replicas.a, replicas.b
-    size = 1500 if staged else 600
-    results = []
-    for i in range(ROUNDS):
-        name = f"{base}/new-{i}.bin"
-        payloads = [bytes([i, side]) * (size // 2) for side in (0, 1)]
-        responses = client.run(
-            put_both(
-                client.context,
-                [a.uri(name), b.uri(name)],
-                payloads,
-                staged=staged,
-                if_none_match=True,
-            )
-        )
-        got = [r.code for r in responses]
-        diagnostics = [r.payload[:100] for r in responses if not r.code.is_successful()]
-        results.append((got, diagnostics, replicas.path(name).read_bytes(), payloads))
+    results = [
+        race(client, replicas, f"{base}/new-{i}.bin", i, staged, if_none_match=True)
+        for i in range(ROUNDS)
+    ]
     for i, (got, diagnostics, content, payloads) in enumerate(results):
         assert sorted(got) == [codes.CREATED, codes.PRECONDITION_FAILED], (i, got, diagnostics)
         assert content == payloads[got.index(codes.CREATED)], i
@@ -400,24 +402,11 @@ def test_if_match_puts_through_a_and_b_have_one_winner(
     a, b = replicas.a, replicas.b
     name = f"{base}/contested.bin"
     assert client.put(a.uri(name), b"initial").code == codes.CREATED
-    size = 1500 if staged else 600
     results = []
     for i in range(ROUNDS):
         etag = client.get(b.uri(name)).opt.etag
         assert client.get(a.uri(name)).opt.etag == etag
-        payloads = [bytes([i, side]) * (size // 2) for side in (0, 1)]
-        responses = client.run(
-            put_both(
-                client.context,
-                [a.uri(name), b.uri(name)],
-                payloads,
-                staged=staged,
-                if_match=[etag],
-            )
-        )
-        got = [r.code for r in responses]
-        diagnostics = [r.payload[:100] for r in responses if not r.code.is_successful()]
-        results.append((got, diagnostics, replicas.path(name).read_bytes(), payloads))
+        results.append(race(client, replicas, name, i, staged, if_match=[etag]))
     for i, (got, diagnostics, content, payloads) in enumerate(results):
         assert sorted(got) == [codes.CHANGED, codes.PRECONDITION_FAILED], (i, got, diagnostics)
         assert content == payloads[got.index(codes.CHANGED)], i
