@@ -2,7 +2,7 @@
 """Fleet benchmark: K simulated devices download one image block by block from each server.
 
 For each K of the sweep and each server (ours, ours with N workers, aiocoap-fileserver; in
-alternating order, a fresh server per cell), bench/devices.py shards run K devices, each on its own
+alternating order, a fresh server per cell), `coapload fleet` shards run K devices, each on its own
 UDP socket, fetching a 256 KiB image with 64-byte blocks (Block2 szx 2), one block per simulated
 round trip, with simulated response loss and CoAP retransmission. Reported per server and K:
 devices started and completed within the time budget, completion time (projected from progress
@@ -16,7 +16,7 @@ stopped.
 from __future__ import annotations
 
 import argparse
-import hashlib
+import itertools
 import json
 import math
 import os
@@ -27,9 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import coapload
 import harness
-from devices import BIN
-from harness import HERE, Metric, record
+from harness import Metric, record
 from servers import OURS_CMD, SMALL_FILES, THEIRS_CMD, Server, fill_root
 
 IMAGE = "image.bin"
@@ -37,7 +37,9 @@ SZX = 2
 RSS_SAMPLE = 0.5  # seconds between RSS samples of the server tree during a cell
 PER_DEVICE_LIMIT_KIB = 256  # "memory bounded": less than one copy of the image per device
 SPEEDUP = 1.7  # issue target: N workers against one, on this 2-core machine
-ACK_TIMEOUT_MEAN = 2.5  # devices.py: ACK_TIMEOUT 2 s x random(1, 1.5)
+ACK_TIMEOUT, ACK_RANDOM_FACTOR = 2.0, 1.5  # RFC 7252's defaults, as the devices use them
+ACK_TIMEOUT_MEAN = ACK_TIMEOUT * (1 + ACK_RANDOM_FACTOR) / 2
+TICK = 0.002  # the generators' wake-up tick (bench/coapload.py)
 WORKERS_CMD = OURS_CMD + " --workers {workers}"
 
 
@@ -65,7 +67,6 @@ class FleetBench:
         self.workdir = workdir
         self.progress = harness.Progress(opts.quiet)
         self.image = random.Random(11).randbytes(opts.image_kib * 1024)
-        self.sha = hashlib.sha256(self.image).hexdigest()
         self.blocks = -(-len(self.image) // (16 << SZX))
         self.ideal = self.blocks * opts.rtt
         self.wside = f"ours-w{opts.workers}"
@@ -110,15 +111,16 @@ class FleetBench:
         for s in range(shards):
             count = k // shards + (s < k % shards)
             cmds.append(
-                [
-                    sys.executable,
-                    str(HERE / "devices.py"),
-                    *("--port", str(srv.port), "--path", IMAGE, "--size", str(len(self.image))),
-                    *("--sha256", self.sha, "--count", str(count), "--szx", str(SZX)),
+                coapload.command(
+                    "fleet",
+                    *("--port", str(srv.port), "--path", IMAGE),
+                    *("--image", str(srv.root / IMAGE)),
+                    *("--count", str(count), "--szx", str(SZX)),
                     *("--rtt", str(self.o.rtt), "--loss", str(self.o.loss)),
+                    *("--ack-timeout", str(ACK_TIMEOUT), "--ack-random", str(ACK_RANDOM_FACTOR)),
                     *("--start", str(start), "--ramp", str(self.o.ramp), "--end", str(end)),
-                    *("--seed", str(s + 1)),
-                ]
+                    *("--seed", str(s + 1), "--tick", str(TICK)),
+                )
             )
         samples = {"cpu0": None, "peak": 0}
 
@@ -147,6 +149,7 @@ class FleetBench:
             "shard_cpu": [r["cpu"] for r in results],
             "devices": [d for r in results for d in r["devices"]],
             "bins": [sum(c) for c in _zip_longest0([r["bins"] for r in results])],
+            "bin": results[0]["bin"],
             "resp_ms": [x for r in results for x in r["resp_ms"]],
         }
 
@@ -167,9 +170,9 @@ class FleetBench:
         w0, w1 = res["ramp_end"], min(t_end, first_done)
         if w1 - w0 < 1.0:  # devices finished during the ramp: use the whole run
             w0, w1 = res["start"], t_end
-        bins = res["bins"]
-        lo, hi = int((w0 - res["start"]) / BIN), int((w1 - res["start"]) / BIN)
-        rate = sum(bins[lo:hi]) / ((hi - lo) * BIN) if hi > lo else 0.0
+        bins, width = res["bins"], res["bin"]
+        lo, hi = int((w0 - res["start"]) / width), int((w1 - res["start"]) / width)
+        rate = sum(bins[lo:hi]) / ((hi - lo) * width) if hi > lo else 0.0
         elapsed = t_end - res["start"]
         total = sum(d["blocks"] for d in devs)
         return {
@@ -210,7 +213,7 @@ class FleetBench:
         return [
             ("started", m(f"k{k}_started", p + "devices started", "", True)),
             ("completed", m(f"k{k}_completed", "  completed within the budget", "", True)),
-            ("failed", m(f"k{k}_failed", "  failed (timeout, ETag, sha256...)", "", False)),
+            ("failed", m(f"k{k}_failed", "  failed (timeout, ETag, content...)", "", False)),
             (
                 "median",
                 m(
@@ -244,12 +247,12 @@ class FleetBench:
         ]
 
     def fleet(self) -> None:
-        for ki, k in enumerate(self.o.devices):
+        for run, (ki, k) in itertools.product(range(self.o.runs), enumerate(self.o.devices)):
             rows = self.cell_metrics(k)
-            order = self.sides if ki % 2 == 0 else self.sides[::-1]
+            order = self.sides if (ki + run) % 2 == 0 else self.sides[::-1]
             for name, template in order:
-                self.progress(f"K={k} devices against {name}")
-                srv = self.server(name, template, f"k{k}")
+                self.progress(f"K={k} devices against {name} (run {run + 1}/{self.o.runs})")
+                srv = self.server(name, template, f"k{k}-{run}")
                 summary: dict = {}
 
                 def one(srv=srv, k=k, summary=summary) -> float:
@@ -320,40 +323,49 @@ class FleetBench:
         )
         gen = self.metric("get_gen_cpu", "  load generator CPU per request", "us", False)
         scpu = self.metric("get_server_cpu", "  server CPU per request (tree)", "us", False)
-        for name, template in self.sides:
-            self.progress(f"small GET rate against {name}")
-            srv = self.server(name, template, "get")
-            res: dict = {}
+        for run in range(o.get_runs):
+            for name, template in self.sides if run % 2 == 0 else self.sides[::-1]:
+                self.get_run(name, template, run, paths, (m, gen, scpu))
 
-            def one(srv=srv, res=res) -> float:
-                if not srv.start():
-                    raise RuntimeError(srv.error)
-                res.update(
-                    harness.loadgen(
-                        srv,
-                        paths,
-                        o.get_window,
-                        0,
-                        shards=o.get_shards,
-                        seconds=o.get_seconds,
-                        sockets=o.get_sockets,
-                        max_time=o.get_seconds + 15,
-                    )
+    def get_run(
+        self, name: str, template: str, run: int, paths: list[str], rows: tuple[Metric, ...]
+    ) -> None:
+        o = self.o
+        rate, gen, scpu = rows
+        self.progress(f"small GET rate against {name} (run {run + 1}/{o.get_runs})")
+        srv = self.server(name, template, f"get{run}")
+        res: dict = {}
+
+        def one() -> float:
+            if not srv.start():
+                raise RuntimeError(srv.error)
+            res.update(
+                harness.loadgen(
+                    srv,
+                    paths,
+                    o.get_window,
+                    0,
+                    shards=o.get_shards,
+                    seconds=o.get_seconds,
+                    sockets=o.get_sockets,
+                    max_time=o.get_seconds + 15,
+                    tick=TICK,
                 )
-                return res["rate"]
+            )
+            return res["rate"]
 
-            try:
-                if record(m, name, one, float("inf")) is not None:
-                    gen.samples[name].append(res["client_cpu_per_req_us"])
-                    scpu.samples[name].append(res["server_cpu_per_req_us"])
-                    if res["lost"] or res["other"]:
-                        self.anomalies.append(
-                            f"* get_rate ({name}): {res['lost']} lost, {res['other']} non-2.05"
-                        )
-                else:
-                    gen.errors[name] = scpu.errors[name] = m.errors[name]
-            finally:
-                srv.stop()
+        try:
+            if record(rate, name, one, float("inf")) is not None:
+                gen.samples[name].append(res["client_cpu_per_req_us"])
+                scpu.samples[name].append(res["server_cpu_per_req_us"])
+                if res["lost"] or res["other"]:
+                    self.anomalies.append(
+                        f"* get_rate ({name}): {res['lost']} lost, {res['other']} non-2.05"
+                    )
+            else:
+                gen.errors[name] = scpu.errors[name] = rate.errors[name]
+        finally:
+            srv.stop()
 
     def report(self, elapsed: float) -> tuple[str, str, list[str]]:
         o = self.o
@@ -392,11 +404,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ramp", type=float, default=1.0, help="device starts spread over this")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="N for ours-wN")
     p.add_argument("--shards", type=int, default=0, help="device processes (0: by K)")
-    p.add_argument("--devices-per-shard", type=int, default=1000)
-    p.add_argument("--get-window", type=int, default=32, help="outstanding per loadgen process")
-    p.add_argument("--get-shards", type=int, default=2, help="loadgen processes for small GETs")
-    p.add_argument("--get-sockets", type=int, default=8, help="source ports per loadgen process")
+    p.add_argument("--devices-per-shard", type=int, default=4000)
+    p.add_argument("--get-window", type=int, default=64, help="outstanding per loadgen process")
+    p.add_argument("--get-shards", type=int, default=1, help="loadgen processes for small GETs")
+    p.add_argument("--get-sockets", type=int, default=16, help="source ports per loadgen process")
     p.add_argument("--get-seconds", type=float, default=5.0)
+    p.add_argument("--get-runs", type=int, default=3, help="small-GET runs per server (median)")
+    p.add_argument("--runs", type=int, default=1, help="sweeps of the fleet cells (median)")
     p.add_argument("--no-get", action="store_true", help="skip the small-GET rate row")
     p.add_argument("--ours-cmd", default=OURS_CMD, help="template with {port}, {root}")
     p.add_argument(
@@ -420,6 +434,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         opts.budget = min(opts.budget, 4.0)
         opts.ramp = min(opts.ramp, 0.5)
         opts.get_seconds = min(opts.get_seconds, 2.0)
+        opts.get_runs = 1
     if not opts.devices or min(opts.devices) < 1:
         p.error("--devices needs positive counts")
     return opts

@@ -2,7 +2,7 @@
 """Memory under a flood: each server's RSS while it answers unique CON GETs as fast as it can.
 
 For each server (a fresh one on a fresh root): idle RSS, then a --seconds flood from
-bench/loadgen.py (closed loop, --window outstanding, round-robin over --sockets source ports,
+`coapload gets` (closed loop, --window outstanding, spread over --sockets source ports,
 every request with its own token and Message ID, over the 64 small files), RSS of the process tree
 sampled every --interval seconds during the flood and for --after seconds after it. Reports idle
 RSS, the largest sample during the flood, the last sample after it and the increase over idle,

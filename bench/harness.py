@@ -1,5 +1,6 @@
 """What every benchmark script shares: the Metric/record/budget pattern, the result table and its
-notes, and running bench/loadgen.py (optionally sharded over processes).
+notes, and running the small-GET load generator (bench/coapload.py; optionally sharded over
+processes).
 
 A Metric is one table row with a column per side (server); a failed measurement becomes that
 side's "error"/"timeout" cell with the reason in the notes, never a crash.
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import coapload
 from rawclient import CoapError, CoapTimeout
 from servers import Server
 
@@ -231,17 +233,18 @@ def loadgen(
     seconds: float = 0.0,
     sockets: int = 1,
     max_time: float = LOADGEN_MAX_TIME,
+    tick: float = 0.0,
     while_running: Callable[[], None] | None = None,
 ) -> dict:
-    """Run bench/loadgen.py in `shards` processes at once against one server.
+    """Run `coapload gets` in `shards` processes at once against one server.
 
     Each shard keeps `window` requests outstanding (`requests` measured ones, or for `seconds`).
     With several shards the rate is all successes over the union of their measured intervals,
-    and the server CPU the tree's CPU over that union. while_running: see run_json.
+    and the server CPU the tree's CPU over that union. tick: see bench/coapload.py;
+    while_running: see run_json.
     """
-    cmd = [
-        sys.executable,
-        str(HERE / "loadgen.py"),
+    cmd = coapload.command(
+        "gets",
         "--port",
         str(server.port),
         "--server-pid",
@@ -256,9 +259,11 @@ def loadgen(
         str(sockets),
         "--max-time",
         str(max_time),
+        "--tick",
+        str(tick),
         *extra,
         *paths,
-    ]
+    )
     results = run_json([cmd] * shards, max_time + 30, while_running)
     for r in results:
         if "error" in r:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Mixed soak: N minutes of mixed load against one server, RSS sampled every 10 s.
 
-Load, all at once until the deadline: small GETs (bench/loadgen.py, a few outstanding over
+Load, all at once until the deadline: small GETs (`coapload gets`, a few outstanding over
 several source ports), block-wise downloads of a 1 MiB file (bench/rawclient.py, sha256 checked),
 --observers observations of files that change every --change-every seconds (notifications
 counted), and block-wise PUTs of 64 KiB (so the server needs --write; the default command has

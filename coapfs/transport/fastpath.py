@@ -3,7 +3,7 @@
 Each replacement computes what the stock code computes (the same answers, the same bytes on the
 wire) and is installed only where the stock function still has the source it has in those
 versions (`_KNOWN`, sha256 of the source); otherwise the stock one stays in use. Measured with
-cProfile and py-spy under bench/loadgen.py's small-file GETs:
+cProfile and py-spy under the benchmark's small-file GETs (then bench/loadgen.py):
 
 * UDP6EndpointAddress.is_multicast_locally / is_multicast: stock unpacks the packet info into
   an ipaddress object, renders it to a string and parses that again, for every response, to
