@@ -171,6 +171,16 @@ static size_t encode_get(uint8_t *out, int mtype, const char *path, const uint8_
     return n;
 }
 
+/* Message ID and the 4-byte token into a message encode_get made */
+static void set_id(uint8_t *raw, int mid, uint32_t token) {
+    raw[2] = (uint8_t)(mid >> 8);
+    raw[3] = (uint8_t)mid;
+    raw[4] = (uint8_t)(token >> 24);
+    raw[5] = (uint8_t)(token >> 16);
+    raw[6] = (uint8_t)(token >> 8);
+    raw[7] = (uint8_t)token;
+}
+
 struct response {
     int mtype, code, mid;
     const uint8_t *token;
@@ -304,7 +314,7 @@ static void json_string(FILE *out, const char *s) {
 }
 
 static void json_number(FILE *out, double v, int valid) {
-    if (valid) fprintf(out, "%.9g", v);
+    if (valid) fprintf(out, "%.17g", v); /* full precision: monotonic times run to 10**6 s and more */
     else fputs("null", out);
 }
 
@@ -327,8 +337,6 @@ struct gets {
     int paths;
     struct slot *slots;
     int slot_count;
-    int *slot_of_fd;
-    int fd_room;
     int *fds;
     int fd_count;
     int ep;
@@ -343,13 +351,6 @@ struct gets {
 
 static void gets_watch(struct gets *g, int slot) {
     int fd = g->slots[slot].fd;
-    if (fd >= g->fd_room) {
-        int room = fd * 2 + 64;
-        g->slot_of_fd = realloc(g->slot_of_fd, (size_t)room * sizeof(int));
-        for (int i = g->fd_room; i < room; i++) g->slot_of_fd[i] = -1;
-        g->fd_room = room;
-    }
-    g->slot_of_fd[fd] = slot;
     g->fds = realloc(g->fds, (size_t)(g->fd_count + 1) * sizeof(int));
     g->fds[g->fd_count++] = fd;
     struct epoll_event ev = {.events = EPOLLIN, .data.fd = fd};
@@ -378,12 +379,7 @@ static void gets_send(struct gets *g, int slot, double now) {
     size_t len = g->template_length[token % (uint32_t)g->paths];
     s->mid = (s->mid + 1) & 0xFFFF;
     s->sent++;
-    raw[2] = (uint8_t)(s->mid >> 8);
-    raw[3] = (uint8_t)s->mid;
-    raw[4] = (uint8_t)(token >> 24);
-    raw[5] = (uint8_t)(token >> 16);
-    raw[6] = (uint8_t)(token >> 8);
-    raw[7] = (uint8_t)token;
+    set_id(raw, s->mid, token);
     *p = (struct pending){token, slot, now, 1};
     g->outstanding++;
     send(s->fd, raw, len, MSG_DONTWAIT); /* a full buffer: the request is lost and replaced */
@@ -573,8 +569,6 @@ struct fleet {
     int count, szx, max_retransmit, active;
     double rtt, loss, ack_timeout, ack_random, start, ramp, end, tick;
     struct device *devices;
-    int *device_of_fd;
-    int fd_room;
     struct timer *heap;
     size_t heap_count, heap_room;
     uint64_t seq, rng;
@@ -661,12 +655,7 @@ static void send_new(struct fleet *f, int i, double now) {
     d->mid = (d->mid + 1) & 0xFFFF;
     d->token = (uint32_t)++d->sent_mids;
     d->raw_length = encode_get(d->raw, CON, f->path, NULL, 0, (int)(d->offset / (16 << d->szx)), d->szx);
-    d->raw[2] = (uint8_t)(d->mid >> 8);
-    d->raw[3] = (uint8_t)d->mid;
-    d->raw[4] = (uint8_t)(d->token >> 24);
-    d->raw[5] = (uint8_t)(d->token >> 16);
-    d->raw[6] = (uint8_t)(d->token >> 8);
-    d->raw[7] = (uint8_t)d->token;
+    set_id(d->raw, d->mid, d->token);
     d->tries = 0;
     d->timeout = f->ack_timeout * (1.0 + (f->ack_random - 1.0) * uniform01(f));
     if (d->t_start < 0) d->t_start = now;
@@ -820,12 +809,6 @@ static int fleet_main(int argc, char **argv) {
         d->mid = (int)(uniform01(&f) * 65536);
         d->szx = f.szx;
         d->t_start = d->t_done = -1;
-        if (d->fd >= f.fd_room) {
-            int room = d->fd * 2 + 64;
-            f.device_of_fd = realloc(f.device_of_fd, (size_t)room * sizeof(int));
-            f.fd_room = room;
-        }
-        f.device_of_fd[d->fd] = i;
         struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)i};
         epoll_ctl(f.ep, EPOLL_CTL_ADD, d->fd, &ev);
     }
