@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import os
 import random
 import re
@@ -21,9 +22,10 @@ import aiocoap
 import pytest
 from aiocoap.numbers import codes
 
-from coapfs.daemon import sockets
+from coapfs.daemon import cpus, sockets
 from coapfs.transport import steering
 
+from support import cgroup
 from support.client import Client
 from support.identities import Identities
 from support.polling import wait_until
@@ -120,6 +122,54 @@ def worker_pids_gone(server: Server) -> list[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == server.proc.pid:
                 alive.append(int(entry.name))
     return alive
+
+
+def auto_workers(servers, root: Path, wrapper: list[str]) -> int:
+    """How many workers `--workers auto` starts under `wrapper` (one: served in-process)."""
+    server = servers.start("--workers", "auto", root=root, notify=True, wrapper=wrapper)
+    status = server.notify.wait_for("READY", 30)["STATUS"]
+    count = len(worker_pids(server)) or 1
+    assert (f", {count} workers" in status) == (count > 1), status
+    assert server.stop() == 0
+    return count
+
+
+def test_auto_is_one_worker_per_cpu_the_server_may_run_on(start_server, root):
+    assert auto_workers(start_server, root, []) == len(os.sched_getaffinity(0))
+    assert auto_workers(start_server, root, ["taskset", "--cpu-list", "0"]) == 1
+
+
+@pytest.mark.needs_root
+@pytest.mark.parametrize("quota", [1.0, 1.5])
+def test_auto_is_capped_by_the_cgroup_cpu_quota(start_server, root, quota):
+    """systemd's CPUQuota= (and a container's --cpus) is a cgroup CPU quota: "auto" starts
+    no more workers than it gives CPUs' worth of time, rounded up."""
+    with cgroup.cpu_limited(quota) as procs:
+        enter = ["sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh"]
+        expected = min(math.ceil(quota), len(os.sched_getaffinity(0)))
+        assert auto_workers(start_server, root, enter) == expected
+
+
+def test_the_quota_is_the_smallest_up_the_cgroup_v2_tree(tmp_path):
+    """The parsing of /proc/self/cgroup, mountinfo and cpu.max for a unified hierarchy (this
+    machine kind mounts v1's cpu controller, so the real-cgroup test above reads v1)."""
+    mount = tmp_path / "cgroup"
+    leaf = mount / "system.slice" / "coap-fileserver.service"
+    leaf.mkdir(parents=True)
+    (mount / "system.slice" / "cpu.max").write_text("150000 100000\n")
+    (leaf / "cpu.max").write_text("max 100000\n")
+    groups = tmp_path / "cgroup.txt"
+    groups.write_text("0::/system.slice/coap-fileserver.service\n")
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        f"35 24 0:30 / {mount} rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate\n"
+        "24 1 0:22 / /proc rw - proc proc rw\n"
+    )
+    assert cpus.cpu_quota(groups, mountinfo) == 1.5
+    (leaf / "cpu.max").write_text("50000 100000\n")
+    assert cpus.cpu_quota(groups, mountinfo) == 0.5
+    groups.write_text("0::/elsewhere\n")
+    assert cpus.cpu_quota(groups, mountinfo) is None  # no cpu.max there: no limit
 
 
 def test_a_second_server_on_the_same_address_is_refused(start_server, root):

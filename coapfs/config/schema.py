@@ -337,7 +337,7 @@ class Config:
     tls_server_key: Path | None = key(None, optional_path, "TLS key (PEM) for that certificate")
     verbosity: int = key(0, integer(0, 3), "0 warnings, 1 info, 2 debug (+aiocoap info), 3 all")
     workers: int | str = key(
-        1, worker_processes, 'processes serving the binds: a number, or "auto" (one per CPU)'
+        1, worker_processes, 'processes serving the binds: a number, or "auto" (one per usable CPU)'
     )
     access_log: bool = key(
         False, boolean, "log one line per request: peer, method, path, code, bytes, duration"

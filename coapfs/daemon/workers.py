@@ -29,6 +29,7 @@ import coapfs
 
 from ..config import Config, ConfigError, Loaded
 from .control import Channel, pair
+from .cpus import usable_cpus
 from .endpoint import Endpoint, StartupError, endpoints
 from .serving import STOP_GRACE, claim_endpoints
 from .sockets import Claims
@@ -48,9 +49,9 @@ _SUPERVISOR_ONLY = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FD
 
 
 def worker_count(config: Config) -> int:
-    """`workers`: a number, or "auto" for one per CPU this process may run on."""
+    """`workers`: a number, or "auto" for one per CPU this process may use (`cpus`)."""
     if config.workers == "auto":
-        return max(1, len(os.sched_getaffinity(0)))
+        return usable_cpus()
     return int(config.workers)
 
 
