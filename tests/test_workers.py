@@ -168,7 +168,7 @@ def test_the_quota_is_the_smallest_up_the_cgroup_v2_tree(tmp_path):
     assert cpus.cpu_quota(groups, mountinfo) == 1.5
     (leaf / "cpu.max").write_text("50000 100000\n")
     assert cpus.cpu_quota(groups, mountinfo) == 0.5
-    groups.write_text("0::/elsewhere\n")
+    groups.write_text("garbage\n0::/elsewhere\n")
     assert cpus.cpu_quota(groups, mountinfo) is None  # no cpu.max there: no limit
 
 

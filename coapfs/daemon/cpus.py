@@ -35,6 +35,8 @@ def cpu_quota(
         return None
     limits = []
     for line in groups:
+        if line.count(":") < 2:
+            continue
         number, controllers, path = line.split(":", 2)
         if number == "0" and not controllers:
             version = 2
