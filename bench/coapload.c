@@ -250,6 +250,12 @@ static void die(const char *fmt, ...) {
     exit(2);
 }
 
+static void *zalloc(size_t count, size_t item) {
+    void *p = calloc(count ? count : 1, item);
+    if (!p) die("out of memory");
+    return p;
+}
+
 static void *grow(void *p, size_t *capacity, size_t need, size_t item) {
     if (need <= *capacity) return p;
     size_t c = *capacity ? *capacity : 1024;
@@ -322,10 +328,12 @@ static void json_number(FILE *out, double v, int valid) {
 
 #define MAX_REQUESTS 60000 /* per socket, below 2**16 Message IDs: none may look like a duplicate */
 #define LOSS_TIMEOUT 1.0   /* a request unanswered this long is counted lost and replaced */
-#define RING 65536         /* outstanding requests by token; an entry still there when its
-                              slot comes round again (65,536 requests later) is counted lost */
+#define RING 262144        /* outstanding requests by token; an entry still there when its
+                              slot comes round again (262,144 requests later, many seconds at
+                              any rate reached here) is counted lost */
 
 struct slot { int fd, mid, sent, window; };
+struct retired { int fd; double at; };
 struct pending { uint32_t token; int slot; double sent; int live; };
 
 struct gets {
@@ -339,6 +347,9 @@ struct gets {
     int slot_count;
     int *fds;
     int fd_count;
+    size_t fds_room;
+    struct retired *retired;
+    size_t retired_count, retired_room;
     int ep;
     struct pending *ring;
     uint32_t counter;
@@ -351,7 +362,7 @@ struct gets {
 
 static void gets_watch(struct gets *g, int slot) {
     int fd = g->slots[slot].fd;
-    g->fds = realloc(g->fds, (size_t)(g->fd_count + 1) * sizeof(int));
+    g->fds = grow(g->fds, &g->fds_room, (size_t)g->fd_count + 1, sizeof(int));
     g->fds[g->fd_count++] = fd;
     struct epoll_event ev = {.events = EPOLLIN, .data.fd = fd};
     epoll_ctl(g->ep, EPOLL_CTL_ADD, fd, &ev);
@@ -359,11 +370,34 @@ static void gets_watch(struct gets *g, int slot) {
 
 static void gets_finished(struct gets *g, int slot, double now);
 
+/* A replaced socket is still read for late answers, and closed once none can be pending. */
+static void retire(struct gets *g, int fd, double now) {
+    g->retired = grow(g->retired, &g->retired_room, g->retired_count + 1, sizeof *g->retired);
+    g->retired[g->retired_count++] = (struct retired){fd, now};
+}
+
+static void close_retired(struct gets *g, double now) {
+    size_t kept = 0;
+    for (size_t i = 0; i < g->retired_count; i++) {
+        struct retired r = g->retired[i];
+        if (now - r.at > 2 * LOSS_TIMEOUT) {
+            epoll_ctl(g->ep, EPOLL_CTL_DEL, r.fd, NULL);
+            close(r.fd);
+            for (int k = 0; k < g->fd_count; k++)
+                if (g->fds[k] == r.fd) g->fds[k] = -1;
+        } else {
+            g->retired[kept++] = r;
+        }
+    }
+    g->retired_count = kept;
+}
+
 static void gets_send(struct gets *g, int slot, double now) {
     if ((!g->timed && (long)g->counter >= g->send_limit) || now >= g->send_end) return;
     struct slot *s = &g->slots[slot];
     if (s->sent >= MAX_REQUESTS) { /* a fresh source port; the old one is still read */
-        s->fd = udp_socket(&g->to, 0);
+        retire(g, s->fd, now);
+        s->fd = udp_socket(&g->to, g->tick > 0);
         s->sent = 0;
         gets_watch(g, slot);
     }
@@ -440,8 +474,8 @@ static int gets_main(int argc, char **argv) {
     if (etag_hex && (etag_length = hex_decode(etag_hex, etag, sizeof etag)) < 0) die("gets: bad --etag");
     g.etag_mode = etag_hex != NULL;
     int mtype = strcmp(type, "non") ? CON : NON;
-    g.templates = calloc((size_t)g.paths, MAX_REQUEST);
-    g.template_length = calloc((size_t)g.paths, sizeof(size_t));
+    g.templates = zalloc((size_t)g.paths, MAX_REQUEST);
+    g.template_length = zalloc((size_t)g.paths, sizeof(size_t));
     for (int i = 0; i < g.paths; i++) {
         g.template_length[i] = encode_get(g.templates[i], mtype, argv[optind + i],
                                           g.etag_mode ? etag : NULL, (size_t)etag_length, -1, 0);
@@ -451,15 +485,15 @@ static int gets_main(int argc, char **argv) {
     g.timed = g.seconds > 0;
     g.send_limit = (long)g.warmup + g.requests + g.window;
     g.send_end = 1e300;
-    g.ring = calloc(RING, sizeof *g.ring);
+    g.ring = zalloc(RING, sizeof *g.ring);
     g.ep = epoll_create1(EPOLL_CLOEXEC);
     /* each slot its own share of the window: a closed loop of its own (see bench/coapload.py) */
     g.slot_count = g.sockets < g.window ? (g.sockets > 0 ? g.sockets : 1) : g.window;
-    g.slots = calloc((size_t)g.slot_count, sizeof *g.slots);
+    g.slots = zalloc((size_t)g.slot_count, sizeof *g.slots);
     raise_nofile((size_t)g.slot_count * 4 + 64);
     uint16_t seed = (uint16_t)(getpid() * 2654435761u);
     for (int i = 0; i < g.slot_count; i++) {
-        g.slots[i] = (struct slot){udp_socket(&g.to, 0), (seed + i * 9973) & 0xFFFF, 0,
+        g.slots[i] = (struct slot){udp_socket(&g.to, g.tick > 0), (seed + i * 9973) & 0xFFFF, 0,
                                    g.window / g.slot_count + (i < g.window % g.slot_count)};
         gets_watch(&g, i);
     }
@@ -474,11 +508,12 @@ static int gets_main(int argc, char **argv) {
         now = mono();
         if (now >= hard_end) { timed_out = 1; break; }
         int n = epoll_wait(g.ep, events, 256, 50);
-        double woke = mono();
+        double woke = mono(), real_minus_mono = real() - woke;
         for (int e = 0; e < n; e++) {
             int fd = events[e].data.fd;
             for (;;) {
-                ssize_t len = recv(fd, buf, sizeof buf, MSG_DONTWAIT);
+                double arrived;
+                ssize_t len = receive(fd, buf, sizeof buf, real_minus_mono, woke, &arrived);
                 if (len < 0) {
                     if (errno == ECONNREFUSED) g.other++;
                     break;
@@ -490,11 +525,12 @@ static int gets_main(int argc, char **argv) {
                 p->live = 0;
                 g.outstanding--;
                 now = mono();
+                if (!g.tick) arrived = now; /* no timestamps asked for: read at once anyway */
                 if (buf[1] == ok_code) {
                     if (g.measuring) {
                         g.measured_ok++;
                         g.lat = grow(g.lat, &g.lat_room, g.lat_count + 1, sizeof(float));
-                        g.lat[g.lat_count++] = (float)(now - p->sent);
+                        g.lat[g.lat_count++] = (float)(arrived - p->sent);
                     }
                 } else {
                     g.other++;
@@ -505,6 +541,7 @@ static int gets_main(int argc, char **argv) {
         now = mono();
         if (now >= next_loss_check) {
             next_loss_check = now + LOSS_TIMEOUT / 4;
+            close_retired(&g, now);
             for (int i = 0; i < RING; i++) {
                 struct pending *p = &g.ring[i];
                 if (p->live && now - p->sent > LOSS_TIMEOUT) {
@@ -522,19 +559,23 @@ static int gets_main(int argc, char **argv) {
         }
     }
     double t1 = mono();
-    for (int i = 0; i < g.fd_count; i++) close(g.fds[i]);
+    int sockets_used = 0;
+    for (int i = 0; i < g.fd_count; i++) {
+        sockets_used++;
+        if (g.fds[i] >= 0) close(g.fds[i]);
+    }
     if (!g.measuring) {
         printf("{\"error\": \"warm-up not finished in %g s\"}\n", g.max_time);
         return 0;
     }
     double cpu1 = self_cpu(), srv1 = tree_cpu(g.server_pid), elapsed = t1 - g.t0;
-    qsort(g.lat, g.lat_count, sizeof(float), cmp_float);
+    if (g.lat_count) qsort(g.lat, g.lat_count, sizeof(float), cmp_float);
     int any = g.measured_ok > 0;
     printf("{\"rate\": %.9g, \"ok\": %ld, \"other\": %ld, \"lost\": %ld, \"elapsed\": %.9g, "
            "\"t0\": %.9f, \"t1\": %.9f, \"server_cpu\": [%.9g, %.9g], \"client_cpu\": %.9g, "
            "\"sockets_used\": %d, \"timed_out\": %s, \"client_cpu_per_req_us\": ",
            g.measured_ok / elapsed, g.measured_ok, g.other, g.lost, elapsed, g.t0, t1, g.srv0,
-           srv1, cpu1 - g.cpu0, g.fd_count, timed_out ? "true" : "false");
+           srv1, cpu1 - g.cpu0, sockets_used, timed_out ? "true" : "false");
     json_number(stdout, (cpu1 - g.cpu0) / (double)g.measured_ok * 1e6, any);
     fputs(", \"server_cpu_per_req_us\": ", stdout);
     json_number(stdout, (srv1 - g.srv0) / (double)g.measured_ok * 1e6, any);
@@ -640,7 +681,7 @@ static void fail(struct fleet *f, int i, const char *fmt, ...) {
 
 static void transmit(struct fleet *f, int i, double now) {
     struct device *d = &f->devices[i];
-    d->sent_at = now;
+    d->sent_at = mono(); /* not the batch's time: the response time starts at this send */
     if (send(d->fd, d->raw, d->raw_length, MSG_DONTWAIT) < 0 && errno != EAGAIN) {
         fail(f, i, "send: %s", strerror(errno));
         return;
@@ -726,7 +767,7 @@ static void received(struct fleet *f, int i, const uint8_t *data, size_t n, doub
         return;
     }
     if (d->offset + (long)r.payload_length > f->size ||
-        memcmp(r.payload, f->image + d->offset, r.payload_length)) {
+        (r.payload_length && memcmp(r.payload, f->image + d->offset, r.payload_length))) {
         fail(f, i, "image mismatch in the %zu bytes at byte %ld", r.payload_length, d->offset);
         return;
     }
@@ -796,12 +837,15 @@ static int fleet_main(int argc, char **argv) {
     f.image = malloc((size_t)f.size + 1);
     if (read(ifd, f.image, (size_t)f.size) != f.size) die("fleet: cannot read %s", image);
     close(ifd);
+    uint8_t probe[MAX_REQUEST];
+    if (!encode_get(probe, CON, f.path, NULL, 0, (int)(f.size / (16 << f.szx)), f.szx))
+        die("fleet: path too long: %s", f.path);
     f.rng = (uint64_t)seed * 0x2545F4914F6CDD1Dull;
     struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     if (inet_pton(AF_INET, host, &to.sin_addr) != 1) die("fleet: --host must be an IPv4 address");
     raise_nofile((size_t)f.count + 64);
     f.ep = epoll_create1(EPOLL_CLOEXEC);
-    f.devices = calloc((size_t)f.count, sizeof *f.devices);
+    f.devices = zalloc((size_t)f.count, sizeof *f.devices);
     f.active = f.count;
     for (int i = 0; i < f.count; i++) {
         struct device *d = &f.devices[i];

@@ -195,7 +195,7 @@ def soak(opts: argparse.Namespace, workdir: Path) -> tuple[str, str, list[str]]:
                 opts.get_window,
                 0,
                 seconds=duration,
-                sockets=8,
+                sockets=opts.get_window,
                 max_time=duration + 30,
                 while_running=sampler,
             )

@@ -135,7 +135,7 @@ def auto_workers(servers, root: Path, wrapper: list[str]) -> int:
 
 
 def test_auto_is_one_worker_per_cpu_the_server_may_run_on(start_server, root):
-    assert auto_workers(start_server, root, []) == len(os.sched_getaffinity(0))
+    assert auto_workers(start_server, root, []) == cpus.usable_cpus()
     assert auto_workers(start_server, root, ["taskset", "--cpu-list", "0"]) == 1
 
 
@@ -170,6 +170,10 @@ def test_the_quota_is_the_smallest_up_the_cgroup_v2_tree(tmp_path):
     assert cpus.cpu_quota(groups, mountinfo) == 0.5
     groups.write_text("garbage\n0::/elsewhere\n")
     assert cpus.cpu_quota(groups, mountinfo) is None  # no cpu.max there: no limit
+    groups.write_text("0::/system.slice/coap-fileserver.service\n")
+    outside = f"35 24 0:30 /../.. {mount} rw shared:9 - cgroup2 cgroup2 rw\n"
+    mountinfo.write_text(outside)  # another namespace's hierarchy: not read
+    assert cpus.cpu_quota(groups, mountinfo) is None
 
 
 def test_a_second_server_on_the_same_address_is_refused(start_server, root):

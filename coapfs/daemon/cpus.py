@@ -65,6 +65,8 @@ def _directories(mounts: list[str], version: int, path: str) -> list[Path]:
         if version == 1 and (fstype != "cgroup" or "cpu" not in options.split(",")):
             continue
         mount_root, mount_point = fields[3], Path(fields[4])
+        if ".." in mount_root.split("/"):
+            continue  # mounted outside this process's cgroup namespace: not its hierarchy
         relative = os.path.relpath(path, mount_root)
         if relative.startswith(".."):
             continue  # the cgroup lies outside what this mount shows (another namespace's)
@@ -81,7 +83,9 @@ def _limit(directory: Path, version: int) -> float | None:
     try:
         if version == 2:
             quota, period = (directory / "cpu.max").read_text().split()
-            return None if quota == "max" else int(quota) / int(period)
+            if quota == "max" or int(period) <= 0:
+                return None
+            return int(quota) / int(period)
         quota_us = int((directory / "cpu.cfs_quota_us").read_text())
         period_us = int((directory / "cpu.cfs_period_us").read_text())
     except (OSError, ValueError):
